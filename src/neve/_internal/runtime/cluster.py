@@ -1,0 +1,148 @@
+"""The Ray cluster neve runs on: join one, or start a private local one, quietly.
+
+* ``ray.is_initialized()`` already: use the caller's Ray as it is.
+* an address (argument, ``NEVE_RAY_ADDRESS`` or ``RAY_ADDRESS``): join that cluster.
+* neither: start a private local instance (``address="local"``; a bare
+  ``ray.init()`` would attach to any other cluster on the machine), bound to
+  loopback, no dashboard, usage statistics off, Ray's log noise kept off the
+  terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from neve._internal import settings
+from neve.exceptions import ClusterError
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_started_here = False
+
+# Set before Ray is imported by neve's own local start; harmless when joining a cluster.
+_LOCAL_ENV = {
+    # Ray's cluster mode off: every Ray server binds 127.0.0.1 (checked with Ray 2.60).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_COLOR_PREFIX": "0",
+    # Ray Data / Train progress output is not ours to print.
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One alive node as neve sees it."""
+
+    node_id: str
+    address: str
+    cpus: float
+    gpus: float
+    is_head: bool
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the cluster offers: its nodes and their resources."""
+
+    address: str
+    nodes: tuple[NodeView, ...]
+
+    @property
+    def total_cpus(self) -> float:
+        return sum(n.cpus for n in self.nodes)
+
+    @property
+    def total_gpus(self) -> float:
+        return sum(n.gpus for n in self.nodes)
+
+    def describe(self) -> str:
+        per_node = ", ".join(
+            f"{n.address}: {n.cpus:g} CPU{'' if n.cpus == 1 else 's'}"
+            + (f" + {n.gpus:g} GPU{'' if n.gpus == 1 else 's'}" if n.gpus else "")
+            for n in self.nodes
+        )
+        count = len(self.nodes)
+        return f"{count} node{'s' if count != 1 else ''} ({per_node})"
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Make sure this process is connected to a Ray cluster (see the module doc)."""
+    global _started_here
+    with _lock:
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = address or settings.ray_address()
+        for key, value in _LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+        kwargs: dict[str, object] = {
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            "log_to_driver": True,
+            "configure_logging": True,
+        }
+        try:
+            if address:
+                logger.info("joining the Ray cluster at %s", address)
+                ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+            else:
+                num_cpus = settings.local_num_cpus()
+                logger.info("starting a private local Ray instance")
+                with _quiet_ray_start():
+                    ray.init(address="local", num_cpus=num_cpus, **kwargs)  # type: ignore[arg-type]
+                _started_here = True
+        except Exception as exc:
+            target = address or "a private local instance"
+            raise ClusterError(f"could not start or join Ray ({target}): {exc}") from exc
+
+
+class _quiet_ray_start:
+    """Raise Ray's own loggers to ERROR while it starts (its banners are not ours)."""
+
+    _names = ("ray", "ray._private", "ray._common")
+
+    def __enter__(self) -> None:
+        self._levels = {n: logging.getLogger(n).level for n in self._names}
+        for name in self._names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def started_here() -> bool:
+    """Whether neve started the Ray instance this process uses."""
+    return _started_here
+
+
+def view() -> ClusterView:
+    """The alive nodes and their resources (connects first if needed)."""
+    import ray
+
+    ensure_ray()
+    nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        nodes.append(
+            NodeView(
+                node_id=node["NodeID"],
+                address=node.get("NodeManagerAddress", "?"),
+                cpus=float(resources.get("CPU", 0.0)),
+                gpus=float(resources.get("GPU", 0.0)),
+                is_head="node:__internal_head__" in resources,
+            )
+        )
+    nodes.sort(key=lambda n: (not n.is_head, n.address, n.node_id))
+    context = ray.get_runtime_context()
+    address = getattr(context, "gcs_address", None) or "local"
+    return ClusterView(address=address, nodes=tuple(nodes))

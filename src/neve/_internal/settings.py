@@ -1,0 +1,103 @@
+"""Every operational knob neve reads from the environment, in one place.
+
+Each variable is ``NEVE_``-prefixed and names its unit. Values are read when
+asked for, so a test or a notebook can change them between runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from neve.exceptions import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment knob: its name, default and meaning."""
+
+    name: str
+    default: float
+    help: str
+
+    def get(self) -> float:
+        raw = os.environ.get(self.name)
+        if raw is None or raw == "":
+            return self.default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(
+                f"environment variable {self.name} must be a number, got {raw!r}; "
+                f"unset it to use the default {self.default:g}"
+            ) from None
+        if value < 0:
+            raise ConfigError(f"environment variable {self.name} must be >= 0, got {raw!r}")
+        return value
+
+
+PLACEMENT_TIMEOUT_S = Setting(
+    "NEVE_PLACEMENT_TIMEOUT_S",
+    30.0,
+    "how long to wait for the cluster to place every worker before failing",
+)
+WORKER_START_TIMEOUT_S = Setting(
+    "NEVE_WORKER_START_TIMEOUT_S",
+    120.0,
+    "how long placed workers may take to start and import their framework",
+)
+WORKER_IDLE_TIMEOUT_S = Setting(
+    "NEVE_WORKER_IDLE_TIMEOUT_S",
+    60.0,
+    "how long a warm worker group waits for the next run before giving its resources back",
+)
+COLLECTIVE_TIMEOUT_S = Setting(
+    "NEVE_COLLECTIVE_TIMEOUT_S",
+    60.0,
+    "how long a collective (xgboost, LightGBM, torch) waits for a silent peer",
+)
+SHUTDOWN_GRACE_S = Setting(
+    "NEVE_SHUTDOWN_GRACE_S",
+    5.0,
+    "how long workers get to stop on their own before they are killed",
+)
+BATCH_BYTES = Setting(
+    "NEVE_BATCH_BYTES",
+    float(64 << 20),
+    "the size of each Arrow block the driver streams into Ray's object store",
+)
+
+
+def data_dir() -> Path:
+    """neve's per-user data directory (``$NEVE_HOME``, else XDG data home)."""
+    home = os.environ.get("NEVE_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "neve"
+
+
+def stage_root() -> Path:
+    """Where dotted stage names (``DB.SCHEMA.STAGE``) resolve: ``$NEVE_STAGE_ROOT``."""
+    root = os.environ.get("NEVE_STAGE_ROOT")
+    return Path(root).expanduser() if root else data_dir() / "stages"
+
+
+def ray_address() -> str | None:
+    """The Ray cluster to join (``$NEVE_RAY_ADDRESS``, then ``$RAY_ADDRESS``)."""
+    return os.environ.get("NEVE_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or None
+
+
+def local_num_cpus() -> int | None:
+    """CPUs for a private local Ray instance (``$NEVE_LOCAL_NUM_CPUS``; default: all)."""
+    raw = os.environ.get("NEVE_LOCAL_NUM_CPUS")
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"NEVE_LOCAL_NUM_CPUS must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"NEVE_LOCAL_NUM_CPUS must be >= 1, got {value}")
+    return value

@@ -1,0 +1,243 @@
+"""DataConnector and ShardedDataConnector: one API over every source."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from neve._internal import context as _context
+from neve._internal.data.errors import check_columns
+from neve._internal.data.fragments import Plan
+from neve._internal.data.materialize import plan_in_object_store, plan_in_process, rebatch
+from neve._internal.data.resolve import PlanSource, source_from_dataframe, source_from_sql
+from neve._internal.data.sources import RayDatasetSource, Source
+from neve.exceptions import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return bool(ray.is_initialized())
+
+
+class DataConnector:
+    """Rows from a table, query, files or frame, read as Arrow and handed to any framework.
+
+    Example:
+        >>> import duckdb
+        >>> from neve.data import DataConnector
+        >>> session = duckdb.connect()
+        >>> dc = DataConnector.from_sql("SELECT range AS x FROM range(5)", session=session)
+        >>> dc.to_pandas()["x"].tolist()
+        [0, 1, 2, 3, 4]
+    """
+
+    def __init__(self, source: Source, **_: Any) -> None:
+        self._source = source
+        self._worker_plan: Plan | None = None
+
+    # -- constructors ---------------------------------------------------------------
+
+    @classmethod
+    def from_dataframe(cls, df: Any, **kwargs: Any) -> DataConnector:
+        """Rows of a DuckDB relation, pandas/polars/pyarrow table, or Ray Dataset."""
+        return cls(source_from_dataframe(df), **kwargs)
+
+    @classmethod
+    def from_sql(cls, query: str, session: Any = None, **kwargs: Any) -> DataConnector:
+        """Rows of a SQL query on DuckDB (connection, file, or the default) or over ADBC."""
+        return cls(source_from_sql(query, session), **kwargs)
+
+    @classmethod
+    def from_sources(
+        cls,
+        sources: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        format: str | None = None,
+        **kwargs: Any,
+    ) -> DataConnector:
+        """Rows of Parquet, CSV or Arrow IPC files or folders, local or on fsspec storage."""
+        from neve._internal.data.files import FileSource
+
+        return cls(FileSource(sources, format), **kwargs)
+
+    @classmethod
+    def from_ray_dataset(cls, ds: Any, **kwargs: Any) -> DataConnector:
+        """Rows of a ``ray.data.Dataset`` (its blocks stay in the object store)."""
+        return cls(RayDatasetSource(ds), **kwargs)
+
+    # -- what it holds --------------------------------------------------------------
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the rows."""
+        return self._source.schema()
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names, in the case the source reports."""
+        return list(self.schema.names)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._source.description})"
+
+    def _checked(self, columns: Sequence[str] | None) -> list[str] | None:
+        if columns is None:
+            return None
+        columns = list(columns)
+        check_columns(self.schema, columns, self._source.description)
+        return columns
+
+    # -- outputs ----------------------------------------------------------------------
+
+    def iter_batches(
+        self, batch_size: int = 65_536, *, columns: Sequence[str] | None = None,
+        drop_last_batch: bool = False,
+    ) -> Iterator[pa.RecordBatch]:
+        """Arrow record batches of exactly ``batch_size`` rows (the last may be short)."""
+        _positive("batch_size", batch_size)
+        stream = self._source.stream(self._checked(columns))
+        return rebatch(stream, batch_size, drop_last=drop_last_batch)
+
+    def to_arrow(self, *, columns: Sequence[str] | None = None) -> pa.Table:
+        """All rows as one pyarrow Table."""
+        columns = self._checked(columns)
+        schema = self.schema if columns is None else pa.schema(
+            [self.schema.field(c) for c in columns]
+        )
+        return pa.Table.from_batches(list(self._source.stream(columns)), schema=schema)
+
+    def to_pandas(self, limit: int | None = None) -> Any:
+        """Rows as a pandas DataFrame (the first ``limit`` rows when given)."""
+        if limit is None:
+            return self.to_arrow().to_pandas()
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigError(f"limit must be None or an integer >= 0, got {limit!r}")
+        batches: list[pa.RecordBatch] = []
+        taken = 0
+        for batch in self._source.stream(None):
+            if taken >= limit:
+                break
+            batch = batch.slice(0, limit - taken)
+            batches.append(batch)
+            taken += batch.num_rows
+        return pa.Table.from_batches(batches, schema=self.schema).to_pandas()
+
+    def to_torch_dataset(
+        self,
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        drop_last_batch: bool = True,
+        expand_dims: bool = False,
+        columns: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> Any:
+        """A ``torch.utils.data.IterableDataset`` of ``{column: tensor}`` batches.
+
+        Scalar columns come out with shape ``(batch_size,)``, or ``(batch_size, 1)``
+        with ``expand_dims=True`` (Snowflake's current shape). ``batch_size=None``
+        yields single rows for DataLoader-side batching. String and binary columns
+        pass through as Python values.
+        """
+        if batch_size is not None:
+            _positive("batch_size", batch_size)
+        from neve._internal.data.torch_dataset import ArrowTorchDataset
+
+        columns = self._checked(columns)
+        return ArrowTorchDataset(
+            plan_in_process(self._source, columns),
+            columns=columns,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last_batch=drop_last_batch,
+            expand_dims=expand_dims,
+            seed=seed,
+        )
+
+    def to_ray_dataset(self) -> Any:
+        """The rows as a ``ray.data.Dataset`` (read by Ray tasks, not the driver)."""
+        import ray
+        import ray.data
+
+        if isinstance(self._source, RayDatasetSource):
+            return self._source.dataset
+        from neve._internal.runtime.cluster import ensure_ray
+
+        ensure_ray()
+        plan = self._plan_for_workers()
+        read = ray.remote(num_cpus=0)(_read_fragment)
+        refs = [read.remote(f, plan.schema) for f in plan.fragments]
+        if not refs:
+            return ray.data.from_arrow(plan.schema.empty_table())
+        return ray.data.from_arrow_refs(refs)
+
+    # -- distribution -----------------------------------------------------------------
+
+    def _plan_for_workers(self) -> Plan:
+        """Fragments that every process of the cluster can read (computed once)."""
+        if self._worker_plan is None:
+            if _ray_ready():
+                self._worker_plan = plan_in_object_store(self._source, None)
+            else:
+                self._worker_plan = plan_in_process(self._source, None)
+        return self._worker_plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What travels to a worker is a plan of readable fragments, never a
+        # connection: the driver streams what only it can read into the object store.
+        plan = self._plan_for_workers()
+        state = dict(self.__dict__)
+        state["_source"] = PlanSource.whole(plan, self._source.description)
+        state["_worker_plan"] = plan
+        return state
+
+
+def _read_fragment(fragment: Any, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_batches(list(fragment.read(None, 0, fragment.num_rows)), schema=schema)
+
+
+class ShardedDataConnector(DataConnector):
+    """A DataConnector whose ``get_shard()`` returns this worker's share of the rows.
+
+    Every row lands in exactly one of ``world_size`` shards; with ``equal=True``
+    every shard holds the same number of rows and fewer than ``world_size`` rows
+    are dropped (the count is logged).
+
+    Example:
+        >>> from neve.data import ShardedDataConnector
+        >>> dc = ShardedDataConnector.from_sql("SELECT range AS x FROM range(10)")
+        >>> # inside a PyTorchDistributor train_func:
+        >>> # shard = dc.get_shard(); loader = DataLoader(shard.to_torch_dataset(batch_size=4))
+    """
+
+    def __init__(self, source: Source, *, equal: bool = False, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        if not isinstance(equal, bool):
+            raise ConfigError(f"equal must be True or False, got {equal!r}")
+        self.equal = equal
+
+    def get_shard(self) -> DataConnector:
+        """This worker's share, as a plain DataConnector (only inside a run)."""
+        ctx = _context.require("ShardedDataConnector.get_shard()")
+        plan = self._plan_for_workers()
+        pieces = plan.shard(ctx.rank, ctx.world_size, equal=self.equal)
+        if self.equal and ctx.rank == 0:
+            dropped = plan.num_rows - ctx.world_size * (plan.num_rows // ctx.world_size)
+            if dropped:
+                logger.info("equal shards: dropped %d of %d rows", dropped, plan.num_rows)
+        description = f"shard {ctx.rank} of {ctx.world_size} of {self._source.description}"
+        return DataConnector(PlanSource(pieces, plan.schema, description))

@@ -1,0 +1,107 @@
+"""neve's exceptions: one tree, mapped from the libraries below at the boundary.
+
+::
+
+    NeveError
+    ├── ConfigError                  a config or argument is invalid (also a ValueError)
+    ├── DataError                    the data cannot be used as asked
+    │   ├── ColumnNotFoundError      a named column does not exist
+    │   ├── ColumnTypeError          a column has a type the consumer cannot use
+    │   ├── NullLabelError           the label column holds NULLs
+    │   ├── EmptyDatasetError        the source (or a shard) holds no rows
+    │   └── SourceError              the source failed: SQL error, missing file, ...
+    ├── ClusterError                 the Ray cluster cannot run what was asked
+    │   ├── ResourcesUnavailableError  the cluster lacks the CPUs/GPUs/nodes asked for
+    │   └── WorkerStartTimeoutError    workers were placed but never became ready
+    ├── WorkerError                  a worker raised or died; carries rank and traceback
+    ├── StageError                   a stage cannot be resolved, written or published
+    └── ContextError                 a per-worker API was called outside a run
+
+Errors from DuckDB, pyarrow, ADBC, fsspec, Ray, xgboost and LightGBM are raised
+``from`` the original, so ``__cause__`` keeps the library's own message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClusterError",
+    "ColumnNotFoundError",
+    "ColumnTypeError",
+    "ConfigError",
+    "ContextError",
+    "DataError",
+    "EmptyDatasetError",
+    "NeveError",
+    "NullLabelError",
+    "ResourcesUnavailableError",
+    "SourceError",
+    "StageError",
+    "WorkerError",
+    "WorkerStartTimeoutError",
+]
+
+
+class NeveError(Exception):
+    """Base of every error neve raises on purpose."""
+
+
+class ConfigError(NeveError, ValueError):
+    """A configuration value or argument is invalid."""
+
+
+class DataError(NeveError):
+    """The data cannot be used as asked."""
+
+
+class ColumnNotFoundError(DataError, KeyError):
+    """A named column does not exist in the source."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ColumnTypeError(DataError, TypeError):
+    """A column has a type that the consumer cannot use."""
+
+
+class NullLabelError(DataError):
+    """The label column holds NULL values."""
+
+
+class EmptyDatasetError(DataError):
+    """The source, or a worker's shard of it, holds no rows."""
+
+
+class SourceError(DataError):
+    """Reading the source failed (SQL error, missing file, unreachable database)."""
+
+
+class ClusterError(NeveError):
+    """The Ray cluster cannot run what was asked."""
+
+
+class ResourcesUnavailableError(ClusterError):
+    """The cluster lacks the CPUs, GPUs or nodes that the run asked for."""
+
+
+class WorkerStartTimeoutError(ClusterError):
+    """Workers were placed but did not become ready in time."""
+
+
+class WorkerError(NeveError):
+    """A worker raised or died; the message carries its rank and remote traceback."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
+        return (type(self), (str(self.args[0]), self.rank))
+
+
+class StageError(NeveError):
+    """A stage cannot be resolved, written or published."""
+
+
+class ContextError(NeveError, RuntimeError):
+    """A per-worker API (``get_context``, ``get_shard``) was called outside a run."""
