@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional
 
 __all__ = ["PostgresServer", "find_postgres_bindir"]
 
@@ -108,7 +107,7 @@ def _port_accepts(port: int, timeout: float = 0.2) -> bool:
 
 def _tail(path: str, n: int = 40) -> str:
     try:
-        with open(path, "r", errors="replace") as f:
+        with open(path, errors="replace") as f:
             return "".join(f.readlines()[-n:])
     except OSError as e:
         return f"<cannot read {path}: {e}>"
@@ -138,7 +137,9 @@ def _make_pdeathsig_preexec():
     Only used from the main thread: PDEATHSIG fires when the *thread* that
     forked exits, which for a worker thread may be long before the process.
     """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
         return None
     try:
         import ctypes
@@ -165,9 +166,9 @@ class PostgresServer:
         self,
         dbname: str = "neve",
         user: str = "neve",
-        bindir: Optional[str] = None,
+        bindir: str | None = None,
         startup_timeout: float = 30.0,
-        extra_settings: Optional[dict] = None,
+        extra_settings: dict | None = None,
     ) -> None:
         self.dbname = dbname
         self.user = user
@@ -175,10 +176,10 @@ class PostgresServer:
         self._bindir = bindir
         self.startup_timeout = startup_timeout
         self.extra_settings = dict(extra_settings or {})
-        self.port: Optional[int] = None
-        self.tmpdir: Optional[str] = None
-        self.proc: Optional[subprocess.Popen] = None
-        self.startup_seconds: Optional[float] = None
+        self.port: int | None = None
+        self.tmpdir: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
         self._run_as: dict = {}
         self._atexit_registered = False
 
@@ -260,7 +261,7 @@ class PostgresServer:
             raise RuntimeError(f"{what} failed (exit {res.returncode}):\n{res.stdout[-4000:]}")
 
     # ---------------------------------------------------------- lifecycle
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         if self.proc is not None:
             return self
         t0 = time.monotonic()
@@ -281,8 +282,10 @@ class PostgresServer:
             self._run(
                 [
                     os.path.join(bindir, "initdb"),
-                    "-D", self.datadir,
-                    "-U", self.user,
+                    "-D",
+                    self.datadir,
+                    "-U",
+                    self.user,
                     "--auth=trust",
                     "--encoding=UTF8",
                     "--locale=C",
@@ -335,8 +338,7 @@ class PostgresServer:
             args = [self._bin("postgres"), "-D", self.datadir]
             for k, v in self._settings(port).items():
                 args += ["-c", f"{k}={v}"]
-            log = open(self.logfile, "ab")
-            try:
+            with open(self.logfile, "ab") as log:
                 self.proc = subprocess.Popen(
                     args,
                     cwd=self.tmpdir,
@@ -347,8 +349,6 @@ class PostgresServer:
                     preexec_fn=_make_pdeathsig_preexec(),
                     **self._run_as,
                 )
-            finally:
-                log.close()
             self.port = port
             status = self._wait_ready()
             if status == "ready":
@@ -420,7 +420,7 @@ class PostgresServer:
             atexit.register(self.stop)
             self._atexit_registered = True
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self) -> PostgresServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

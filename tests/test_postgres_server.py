@@ -2,14 +2,10 @@
 
 import os
 import socket
-import sys
 
-import pytest
+import adbc_driver_postgresql.dbapi as adbc_pg
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _postgres import PostgresServer  # noqa: E402
-
-adbc_pg = pytest.importorskip("adbc_driver_postgresql.dbapi")
+from _postgres import PostgresServer  # tests/ has no __init__: pytest puts it on sys.path
 
 
 def _accepts(port: int) -> bool:
@@ -28,7 +24,9 @@ def test_postgres_server_roundtrip_and_cleanup():
 
         with adbc_pg.connect(pg.uri) as conn:
             with conn.cursor() as cur:
-                cur.execute("CREATE TABLE items (id integer PRIMARY KEY, name text, price double precision)")
+                cur.execute(
+                    "CREATE TABLE items (id integer PRIMARY KEY, name text, price double precision)"
+                )
                 cur.executemany(
                     "INSERT INTO items VALUES ($1, $2, $3)",
                     [(1, "apple", 0.5), (2, "pear", 1.25), (3, "plum", 2.0)],
