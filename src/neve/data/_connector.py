@@ -48,7 +48,7 @@ class DataConnector:
 
     def __init__(self, source: Source, **_: Any) -> None:
         self._source = source
-        self._worker_plan: Plan | None = None
+        self._worker_plans: dict[tuple[str, ...] | None, Plan] = {}
 
     # -- constructors ---------------------------------------------------------------
 
@@ -187,14 +187,22 @@ class DataConnector:
 
     # -- distribution -----------------------------------------------------------------
 
-    def _plan_for_workers(self) -> Plan:
-        """Fragments that every process of the cluster can read (computed once)."""
-        if self._worker_plan is None:
+    def _plan_for_workers(self, columns: Sequence[str] | None = None) -> Plan:
+        """Fragments every process of the cluster can read (computed once per projection).
+
+        Sources only this process can read are streamed into Ray's object store
+        (projected to ``columns``), or into a local spill when Ray is not running.
+        """
+        key = tuple(columns) if columns is not None else None
+        plan = self._worker_plans.get(key) or self._worker_plans.get(None)
+        if plan is None:
+            columns = self._checked(columns)
             if _ray_ready():
-                self._worker_plan = plan_in_object_store(self._source, None)
+                plan = plan_in_object_store(self._source, columns)
             else:
-                self._worker_plan = plan_in_process(self._source, None)
-        return self._worker_plan
+                plan = plan_in_process(self._source, columns)
+            self._worker_plans[key] = plan
+        return plan
 
     def __getstate__(self) -> dict[str, Any]:
         # What travels to a worker is a plan of readable fragments, never a
@@ -202,7 +210,7 @@ class DataConnector:
         plan = self._plan_for_workers()
         state = dict(self.__dict__)
         state["_source"] = PlanSource.whole(plan, self._source.description)
-        state["_worker_plan"] = plan
+        state["_worker_plans"] = {None: plan}
         return state
 
 

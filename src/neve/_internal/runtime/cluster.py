@@ -75,13 +75,14 @@ def ensure_ray(address: str | None = None) -> None:
     """Make sure this process is connected to a Ray cluster (see the module doc)."""
     global _started_here
     with _lock:
+        # Before Ray's first import: it reads some of these only then.
+        for key, value in _LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
         import ray
 
         if ray.is_initialized():
             return
         address = address or settings.ray_address()
-        for key, value in _LOCAL_ENV.items():
-            os.environ.setdefault(key, value)
         kwargs: dict[str, object] = {
             "include_dashboard": False,
             "logging_level": logging.WARNING,

@@ -1,0 +1,158 @@
+"""The estimator both frameworks share: arguments kept as given, checked in ``fit``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from neve._internal.data.errors import check_columns
+from neve._internal.gbdt import runner
+from neve._internal.gbdt.config import GBDTScalingConfig
+from neve._internal.gbdt.features import BATCH_ROWS, FeatureSpec, feature_matrix
+from neve.exceptions import ConfigError, NeveError
+
+
+class NotFittedError(NeveError):
+    """The estimator has no model yet."""
+
+
+class GBDTEstimator:
+    """Base of XGBEstimator and LightGBMEstimator (keyword-friendly, picklable)."""
+
+    _backend_name: str
+    _scaling_type: type[GBDTScalingConfig] = GBDTScalingConfig
+    _default_objective: str
+
+    def __init__(
+        self,
+        n_estimators: int = 100,
+        objective: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        scaling_config: GBDTScalingConfig | None = None,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.objective = objective if objective is not None else self._default_objective
+        self.params = params
+        self.scaling_config = scaling_config
+        self.callbacks = callbacks
+        self._model: Any = None
+        self._evals_result: dict[str, dict[str, list[float]]] = {}
+        self._spec: FeatureSpec | None = None
+        self.best_iteration: int | None = None
+
+    # -- framework hooks ----------------------------------------------------------------
+
+    def _backend(self) -> runner.Backend:
+        raise NotImplementedError
+
+    def _load(self, model: Any) -> Any:
+        raise NotImplementedError
+
+    def _round_keys(self) -> tuple[str, ...]:
+        return ("num_boost_round", "n_estimators")
+
+    def _predict_block(self, booster: Any, features: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- API --------------------------------------------------------------------------------
+
+    def _train_params(self) -> tuple[dict[str, Any], int]:
+        if self.params is not None and not isinstance(self.params, Mapping):
+            raise ConfigError(f"params must be a dict, got {type(self.params).__name__}")
+        params = {"objective": self.objective, **dict(self.params or {})}
+        rounds = self.n_estimators
+        for key in self._round_keys():
+            if key in params:
+                rounds = params.pop(key)
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ConfigError(f"n_estimators must be an integer >= 1, got {rounds!r}")
+        return params, rounds
+
+    def fit(
+        self,
+        dataset: Any,
+        input_cols: Sequence[str] | str,
+        label_col: str,
+        eval_set: Any = None,
+        verbose_eval: int | bool | None = None,
+        *,
+        weight_col: str | None = None,
+        group_col: str | None = None,
+        early_stopping_rounds: int | None = None,
+        init_model: Any = None,
+    ) -> Any:
+        """Train on every worker of the cluster and return the framework's Booster."""
+        scaling = self.scaling_config if self.scaling_config is not None else self._scaling_type()
+        if not isinstance(scaling, GBDTScalingConfig):
+            raise ConfigError(
+                f"scaling_config must be a {self._scaling_type.__name__}, got {type(scaling).__name__}"
+            )
+        if early_stopping_rounds is not None and (
+            isinstance(early_stopping_rounds, bool)
+            or not isinstance(early_stopping_rounds, int)
+            or early_stopping_rounds < 1
+        ):
+            raise ConfigError(
+                f"early_stopping_rounds must be None or an integer >= 1, got {early_stopping_rounds!r}"
+            )
+        params, rounds = self._train_params()
+        result = runner.fit(
+            self._backend(),
+            params=params,
+            num_boost_round=rounds,
+            scaling=scaling,
+            dataset=dataset,
+            input_cols=input_cols,
+            label_col=label_col,
+            eval_set=eval_set,
+            weight_col=weight_col,
+            group_col=group_col,
+            early_stopping_rounds=early_stopping_rounds,
+            verbose_eval=verbose_eval,
+            callbacks=self.callbacks,
+            init_model=self._model_payload(init_model),
+        )
+        self._model = self._load(result.model)
+        self._evals_result = result.evals_result
+        self.best_iteration = result.best_iteration
+        self._spec = result.spec
+        return self._model
+
+    def _model_payload(self, init_model: Any) -> Any:
+        return init_model
+
+    def get_booster(self) -> Any:
+        """The trained Booster of the framework."""
+        if self._model is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit() first")
+        return self._model
+
+    def get_eval_results(self) -> dict[str, dict[str, list[float]]]:
+        """``{"train": {metric: [...]}, "eval": {...}}`` per boosting round."""
+        self.get_booster()
+        return copy.deepcopy(self._evals_result)
+
+    def predict(self, dataset: Any) -> np.ndarray:
+        """Predictions for every row, computed in this process (not distributed)."""
+        booster = self.get_booster()
+        spec = self._spec
+        assert spec is not None
+        connector = runner._as_connector(dataset, "dataset")
+        check_columns(connector.schema, spec.input_cols, connector._source.description)
+        parts = [
+            self._predict_block(booster, feature_matrix(batch, spec))
+            for batch in connector.iter_batches(BATCH_ROWS, columns=spec.input_cols)
+        ]
+        if not parts:
+            return np.empty(0, dtype=np.float32)
+        return np.concatenate(parts)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_estimators={self.n_estimators!r}, objective={self.objective!r},"
+            f" params={self.params!r}, scaling_config={self.scaling_config!r})"
+        )

@@ -1,0 +1,189 @@
+"""Features, label, weight and group columns: checked on the driver, read as arrays on workers.
+
+Numeric columns become float32 features (NULL -> NaN, which both frameworks
+treat as missing). String and dictionary columns are categorical: the driver
+collects their categories once, so every worker encodes them with the same codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from neve._internal.data.convert import is_categorical, is_numeric, numeric_array
+from neve._internal.data.errors import check_columns
+from neve._internal.data.materialize import rebatch
+from neve._internal.data.sources import Source
+from neve.exceptions import ColumnTypeError, ConfigError, NullLabelError
+
+BATCH_ROWS = 262_144
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which columns play which part, and the categories of categorical features."""
+
+    input_cols: tuple[str, ...]
+    label_col: str
+    weight_col: str | None = None
+    group_col: str | None = None
+    categories: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        extra = [c for c in (self.weight_col, self.group_col) if c]
+        return list(dict.fromkeys([*self.input_cols, self.label_col, *extra]))
+
+    @property
+    def feature_types(self) -> list[str]:
+        return ["c" if c in self.categories else "q" for c in self.input_cols]
+
+    @property
+    def categorical_indices(self) -> list[int]:
+        return [i for i, c in enumerate(self.input_cols) if c in self.categories]
+
+
+def build_spec(
+    schema: pa.Schema,
+    input_cols: Sequence[str] | str,
+    label_col: str,
+    weight_col: str | None,
+    group_col: str | None,
+    what: str,
+) -> FeatureSpec:
+    """Check every named column exists and has a usable type."""
+    if isinstance(input_cols, str):
+        input_cols = [input_cols]
+    inputs = tuple(input_cols)
+    if not inputs:
+        raise ConfigError("input_cols must name at least one feature column, got none")
+    if not isinstance(label_col, str) or not label_col:
+        raise ConfigError(f"label_col must be a column name, got {label_col!r}")
+    if label_col in inputs:
+        raise ConfigError(f"label column {label_col!r} is also listed in input_cols; remove it")
+    named = [*inputs, label_col, *(c for c in (weight_col, group_col) if c)]
+    check_columns(schema, named, what)
+    for name in named:
+        dtype = schema.field(name).type
+        if name in inputs and (is_numeric(dtype) or is_categorical(dtype)):
+            continue
+        if name not in inputs and is_numeric(dtype):
+            continue
+        role = "feature" if name in inputs else "label/weight/group"
+        allowed = (
+            "numbers, booleans, decimals, dates, or strings (categorical)"
+            if name in inputs else "numbers"
+        )
+        raise ColumnTypeError(
+            f"{role} column {name!r} has type {dtype}, which cannot be used; {role} columns "
+            f"must hold {allowed}: cast it in your query, or drop it from input_cols"
+        )
+    return FeatureSpec(inputs, label_col, weight_col, group_col)
+
+
+def with_categories(spec: FeatureSpec, source: Source) -> FeatureSpec:
+    """Collect the categories of the categorical features (one pass over them)."""
+    schema = source.schema()
+    names = [c for c in spec.input_cols if is_categorical(schema.field(c).type)]
+    if not names:
+        return spec
+    seen: dict[str, set[Any]] = {n: set() for n in names}
+    for batch in source.stream(names):
+        for name, column in zip(names, batch.columns, strict=True):
+            if pa.types.is_dictionary(column.type):
+                column = column.dictionary_decode()
+            seen[name].update(v for v in pc.unique(column).to_pylist() if v is not None)
+    categories = {n: tuple(sorted(seen[n], key=str)) for n in names}
+    return FeatureSpec(spec.input_cols, spec.label_col, spec.weight_col, spec.group_col,
+                       categories)
+
+
+@dataclass
+class Arrays:
+    """One batch as the arrays a GBDT framework takes."""
+
+    features: np.ndarray  # (rows, features) float32, C order
+    label: np.ndarray
+    weight: np.ndarray | None
+    group: np.ndarray | None
+
+
+def _encode(column: pa.Array, categories: tuple[Any, ...]) -> np.ndarray:
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    codes = pc.index_in(column, value_set=pa.array(categories, type=column.type))
+    return pc.cast(codes, pa.float32()).fill_null(float("nan")).to_numpy()
+
+
+def feature_matrix(batch: pa.RecordBatch, spec: FeatureSpec) -> np.ndarray:
+    """The input columns of one batch as a (rows, features) float32 matrix."""
+    features = np.empty((batch.num_rows, len(spec.input_cols)), dtype=np.float32)
+    for j, name in enumerate(spec.input_cols):
+        column = batch.column(name)
+        if name in spec.categories:
+            features[:, j] = _encode(column, spec.categories[name])
+        else:
+            features[:, j] = numeric_array(column)
+    return features
+
+
+def to_arrays(batch: pa.RecordBatch, spec: FeatureSpec, what: str) -> Arrays:
+    """Convert one batch; NULL labels are an error, NULL features are missing values."""
+    features = feature_matrix(batch, spec)
+    label_column = batch.column(spec.label_col)
+    if label_column.null_count:
+        raise NullLabelError(
+            f"label column {spec.label_col!r} holds {label_column.null_count} NULL value(s) "
+            f"in {what}; filter them out (WHERE {spec.label_col} IS NOT NULL) or fill them"
+        )
+    label = numeric_array(label_column).astype(np.float32, copy=False)
+    weight = (
+        numeric_array(batch.column(spec.weight_col)).astype(np.float32, copy=False)
+        if spec.weight_col else None
+    )
+    group = (
+        numeric_array(batch.column(spec.group_col)).astype(np.int64, copy=False)
+        if spec.group_col else None
+    )
+    return Arrays(features, label, weight, group)
+
+
+def iter_arrays(source: Source, spec: FeatureSpec, what: str) -> Iterator[Arrays]:
+    """The source's rows as batches of arrays of at most ``BATCH_ROWS`` rows."""
+    for batch in rebatch(source.stream(spec.columns), BATCH_ROWS):
+        yield to_arrays(batch, spec, what)
+
+
+def dense(source: Source, spec: FeatureSpec, what: str, num_rows: int) -> Arrays:
+    """All of a source's rows in one preallocated float32 matrix (LightGBM, predict)."""
+    features = np.empty((num_rows, len(spec.input_cols)), dtype=np.float32)
+    label = np.empty(num_rows, dtype=np.float32)
+    weight = np.empty(num_rows, dtype=np.float32) if spec.weight_col else None
+    group = np.empty(num_rows, dtype=np.int64) if spec.group_col else None
+    offset = 0
+    for part in iter_arrays(source, spec, what):
+        end = offset + len(part.label)
+        features[offset:end] = part.features
+        label[offset:end] = part.label
+        if weight is not None and part.weight is not None:
+            weight[offset:end] = part.weight
+        if group is not None and part.group is not None:
+            group[offset:end] = part.group
+        offset = end
+    if offset != num_rows:
+        raise RuntimeError(f"expected {num_rows} rows from {what}, read {offset}")
+    return Arrays(features, label, weight, group)
+
+
+def group_sizes(qid: np.ndarray) -> np.ndarray:
+    """Sizes of runs of equal query ids (rows of one query must be contiguous)."""
+    if len(qid) == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = np.flatnonzero(np.diff(qid)) + 1
+    bounds = np.concatenate([[0], change, [len(qid)]])
+    return np.diff(bounds)

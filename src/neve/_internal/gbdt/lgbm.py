@@ -1,0 +1,141 @@
+"""LightGBM backend: network parameters (``machines``, ``local_listen_port``,
+``num_machines``, a short ``time_out``), a Dataset built from the shard's arrays,
+every worker evaluating the whole eval set (LightGBM does not combine metrics, so
+a split eval set makes early stopping disagree and hang: microsoft/LightGBM#6351)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from neve._internal import settings
+from neve._internal.context import WorkerContext
+from neve._internal.data.resolve import PlanSource
+from neve._internal.gbdt.features import FeatureSpec, dense, group_sizes
+from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
+from neve._internal.runtime import group
+from neve._internal.runtime.worker import quiet_native_output, report
+
+try:
+    import lightgbm as lgb
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("neve.lightgbm needs lightgbm: pip install 'neve[lightgbm]'") from exc
+
+
+def dataset(source: PlanSource, spec: FeatureSpec, params: dict[str, Any],
+            reference: Any = None) -> Any:
+    arrays = dense(source, spec, source.description, source.num_rows)
+    return lgb.Dataset(
+        arrays.features,
+        label=arrays.label,
+        weight=arrays.weight,
+        group=group_sizes(arrays.group) if arrays.group is not None else None,
+        reference=reference,
+        feature_name=list(spec.input_cols),
+        categorical_feature=spec.categorical_indices or "auto",
+        params=params,
+        free_raw_data=True,
+    )
+
+
+class _Log:
+    """LightGBM's native log, minus its network chatter (routed by register_logger)."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warning(self, message: str) -> None:
+        if "Connecting to rank" not in message:
+            print(f"[LightGBM] {message.strip()}", file=sys.stderr)
+
+
+def _reporter(env: Any) -> None:
+    metrics: dict[str, dict[str, float]] = {}
+    for data, name, value, *_ in env.evaluation_result_list or []:
+        metrics.setdefault(data, {})[name] = float(value)
+    report({"iteration": env.iteration, "metrics": metrics})
+
+
+def _join_network(collective: dict[str, Any], rank: int, world_size: int) -> None:
+    """LightGBM's own network init (as ``Booster.set_network`` does), minus its banners."""
+    import ctypes
+
+    with quiet_native_output():
+        lgb.basic._safe_call(
+            lgb.basic._LIB.LGBM_NetworkInit(
+                lgb.basic._c_str(collective["machines"]),
+                ctypes.c_int(collective["ports"][rank]),
+                ctypes.c_int(collective["time_out"]),
+                ctypes.c_int(world_size),
+            )
+        )
+
+
+class LightGBMBackend(Backend):
+    name = "lightgbm"
+    eval_whole_on_every_worker = True
+
+    def start_collective(self, workers: group.WorkerGroup) -> tuple[dict[str, Any], Callable[[], None]]:
+        if workers.num_workers == 1:
+            return {}, lambda: None
+        ports = [workers.call(rank, "free_port") for rank in range(workers.num_workers)]
+        machines = ",".join(
+            f"{w.node_ip}:{port}" for w, port in zip(workers.workers, ports, strict=True)
+        )
+        minutes = max(1, math.ceil(settings.COLLECTIVE_TIMEOUT_S.get() / 60))
+        return {"machines": machines, "ports": ports, "time_out": minutes}, lambda: None
+
+    def retryable(self, error: BaseException) -> bool:
+        text = str(error).lower()
+        return "bind" in text and "port" in text
+
+    def train(self, task: TrainTask, ctx: WorkerContext) -> TrainResult | None:
+        lgb.register_logger(_Log())
+        params = dict(task.params)
+        params.setdefault("num_threads", task.threads)
+        params.setdefault("verbosity", -1)
+        if task.use_gpu:
+            params.setdefault("device_type", "cuda")
+        if task.collective:
+            params.update(
+                tree_learner=params.get("tree_learner", "data"),
+                num_machines=ctx.world_size,
+                time_out=task.collective["time_out"],
+                pre_partition=True,
+            )
+            _join_network(task.collective, ctx.rank, ctx.world_size)
+        train_source = task.train_source(ctx)
+        dtrain = dataset(train_source, task.spec, params)
+        valid_sets, valid_names = [dtrain], ["train"]
+        eval_source = task.eval_source(ctx)
+        if eval_source is not None:
+            valid_sets.append(dataset(eval_source, task.spec, params, reference=dtrain))
+            valid_names.append("eval")
+        evals_result: dict[str, Any] = {}
+        callbacks = [*task.callbacks, lgb.record_evaluation(evals_result)]
+        if task.early_stopping_rounds:
+            callbacks.append(lgb.early_stopping(task.early_stopping_rounds, verbose=False))
+        if ctx.rank == 0:
+            callbacks.append(_reporter)
+        booster = lgb.train(
+            params,
+            dtrain,
+            num_boost_round=task.num_boost_round,
+            valid_sets=valid_sets,
+            valid_names=valid_names,
+            callbacks=callbacks,
+            init_model=lgb.Booster(model_str=task.init_model) if task.init_model else None,
+        )
+        if task.collective:
+            lgb.basic._safe_call(lgb.basic._LIB.LGBM_NetworkFree())
+        if ctx.rank != 0:
+            return None
+        model = booster.model_to_string()
+        best = booster.best_iteration if task.early_stopping_rounds else None
+        return TrainResult(model, plain_floats(evals_result), best)
+
+
+def load_booster(model: str) -> Any:
+    return lgb.Booster(model_str=model)

@@ -1,0 +1,389 @@
+"""A gang of worker actors in one placement group, and the warm pool that reuses them.
+
+The group is the only thing that touches worker actors. Every wait is bounded:
+placement by ``NEVE_PLACEMENT_TIMEOUT_S``, start by ``NEVE_WORKER_START_TIMEOUT_S``.
+A worker that raises or dies stops the whole group at once (the survivors may be
+blocked in a collective) and the error names its rank. A group whose run ended
+well goes back to the warm pool, so the next run of the same shape skips process
+start and imports; an idle pool gives its resources back after
+``NEVE_WORKER_IDLE_TIMEOUT_S`` and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from neve._internal import settings
+from neve._internal.context import WorkerContext
+from neve._internal.runtime import cluster
+from neve._internal.runtime.placement import Layout
+from neve._internal.runtime.worker import WorkerActor
+from neve.exceptions import (
+    ConfigError,
+    DataError,
+    ResourcesUnavailableError,
+    WorkerError,
+    WorkerStartTimeoutError,
+)
+
+logger = logging.getLogger(__name__)
+
+_group_ids = itertools.count()
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where one worker runs, in rank order."""
+
+    rank: int
+    node_id: str
+    node_ip: str
+    pid: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    gpu_ids: tuple[str, ...]
+
+
+class WorkerGroup:
+    """``layout.num_workers`` actors, gang-scheduled, ranked by node."""
+
+    def __init__(self, layout: Layout) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        cluster.ensure_ray()
+        self.layout = layout
+        self.id = next(_group_ids)
+        self._actors: list[Any] = []
+        self._pg: Any = None
+        self.workers: list[WorkerInfo] = []
+        view = cluster.view()
+        layout.check_feasible(view)
+
+        self._pg = placement_group(layout.bundles(), strategy=layout.strategy)
+        timeout = settings.PLACEMENT_TIMEOUT_S.get()
+        try:
+            ray.get(self._pg.ready(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self._pg)
+            self._pg = None
+            available = ray.available_resources()
+            raise ResourcesUnavailableError(
+                f"the cluster could not place {layout.describe()} within {timeout:g} s "
+                f"(NEVE_PLACEMENT_TIMEOUT_S={timeout:g}). It has {view.describe()}; free now: "
+                f"{available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs. "
+                "Likely causes: other jobs hold the resources, or nodes are still joining."
+            ) from None
+
+        remote_cls = ray.remote(max_concurrency=2)(WorkerActor)
+        try:
+            for rank, i in enumerate(self._rank_order()):
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg,
+                    placement_group_bundle_index=layout.bundle_of(i),
+                )
+                self._actors.append(
+                    remote_cls.options(
+                        num_cpus=layout.cpus_per_worker,
+                        num_gpus=layout.gpus_per_worker,
+                        scheduling_strategy=strategy,
+                    ).remote(f"rank {rank}")
+                )
+            self._describe_workers(self._await_start())
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _rank_order(self) -> list[int]:
+        """Worker slots ordered by node (first seen), so ranks count node by node."""
+        from ray.util.placement_group import placement_group_table
+
+        bundle_nodes = placement_group_table(self._pg).get("bundles_to_node_id", {})
+        order: list[str] = []
+        for b in sorted(bundle_nodes):
+            if bundle_nodes[b] not in order:
+                order.append(bundle_nodes[b])
+
+        def key(i: int) -> tuple[int, int]:
+            node = bundle_nodes.get(self.layout.bundle_of(i))
+            return (order.index(node) if node in order else len(order), i)
+
+        return sorted(range(self.layout.num_workers), key=key)
+
+    def _await_start(self) -> list[dict[str, Any]]:
+        import ray
+
+        timeout = settings.WORKER_START_TIMEOUT_S.get()
+        refs = [actor.info.remote() for actor in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):
+            missing = [i for i, ref in enumerate(refs) if ref not in ready]
+            raise WorkerStartTimeoutError(
+                f"workers {missing} of {len(refs)} did not start within {timeout:g} s "
+                f"(NEVE_WORKER_START_TIMEOUT_S={timeout:g}). Likely causes: a slow node "
+                "installing packages, an import that hangs, or a node that died."
+            )
+        try:
+            return list(ray.get(refs))
+        except ray.exceptions.RayError as exc:
+            raise WorkerStartTimeoutError(f"a worker failed to start: {exc}") from exc
+
+    def _describe_workers(self, infos: list[dict[str, Any]]) -> None:
+        order: list[str] = []
+        for info in infos:
+            if info["node_id"] not in order:
+                order.append(info["node_id"])
+        seen: dict[str, int] = {}
+        for rank, info in enumerate(infos):
+            node = info["node_id"]
+            local = seen.get(node, 0)
+            seen[node] = local + 1
+            self.workers.append(
+                WorkerInfo(
+                    rank=rank,
+                    node_id=node,
+                    node_ip=info["node_ip"],
+                    pid=info["pid"],
+                    local_rank=local,
+                    local_world_size=sum(1 for x in infos if x["node_id"] == node),
+                    node_rank=order.index(node),
+                    gpu_ids=tuple(info["gpu_ids"]),
+                )
+            )
+
+    # -- use --------------------------------------------------------------------------
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._actors)
+
+    @property
+    def alive(self) -> bool:
+        return self._pg is not None and bool(self._actors)
+
+    def call(self, rank: int, method: str, *args: Any, timeout: float = 30.0) -> Any:
+        """Call a small method on one worker and wait for it (bounded)."""
+        import ray
+
+        return ray.get(getattr(self._actors[rank], method).remote(*args), timeout=timeout)
+
+    def run(
+        self,
+        fn: Callable[[WorkerContext], Any],
+        contexts: Sequence[WorkerContext],
+        *,
+        on_events: Callable[[list[Any]], None] | None = None,
+        poll_s: float = 0.25,
+    ) -> list[Any]:
+        """Run ``fn(ctx)`` on every worker; return results in rank order.
+
+        Any failure stops every worker at once and raises with the failing rank.
+        """
+        import ray
+
+        if len(contexts) != self.num_workers:
+            raise ValueError(f"{len(contexts)} contexts for {self.num_workers} workers")
+        fn_ref = ray.put(fn)
+        refs = [a.run.remote(fn_ref, c) for a, c in zip(self._actors, contexts, strict=True)]
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        poll_ref = None
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
+                for ref in ready:
+                    rank = pending.pop(ref)
+                    results[rank] = self._result(ref, rank)
+                if on_events is not None:
+                    poll_ref = self._poll(poll_ref, on_events, final=not pending)
+        except BaseException:
+            self.shutdown()
+            raise
+        return results
+
+    def _poll(
+        self, poll_ref: Any, on_events: Callable[[list[Any]], None], *, final: bool
+    ) -> Any:
+        import ray
+
+        if poll_ref is not None:
+            done, _ = ray.wait([poll_ref], timeout=0 if not final else 5.0)
+            if not done:
+                return poll_ref
+            try:
+                events = ray.get(poll_ref)
+            except ray.exceptions.RayError:
+                return None
+            if events:
+                on_events(events)
+        if final:
+            try:
+                events = ray.get(self._actors[0].poll.remote(), timeout=5.0)
+            except ray.exceptions.RayError:
+                return None
+            if events:
+                on_events(events)
+            return None
+        return self._actors[0].poll.remote()
+
+    def _result(self, ref: Any, rank: int) -> Any:
+        import ray
+
+        info = self.workers[rank]
+        where = f"worker rank {rank} (node {info.node_ip}, pid {info.pid})"
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, (DataError, ConfigError)):
+                # Errors about the user's data keep their type; the rank is added.
+                raise type(cause)(f"{where}: {cause}") from exc
+            summary = f"{type(cause).__name__}: {cause}" if cause is not None else "error"
+            trace = _ANSI.sub("", getattr(exc, "traceback_str", "") or str(exc)).strip()
+            raise WorkerError(
+                f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank
+            ) from exc
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerError(
+                f"{where} died: {exc}. Likely causes: the process ran out of memory, was "
+                "killed, or a native library aborted (LightGBM aborts a worker whose peer "
+                "is gone). Every worker was stopped.",
+                rank=rank,
+            ) from exc
+
+    def shutdown(self) -> None:
+        """Kill every actor and remove the placement group (idempotent)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        actors, self._actors = self._actors, []
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
+        _pool.forget(self)
+
+
+class _Pool:
+    """Idle groups kept warm for the next run of the same layout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[Layout, tuple[WorkerGroup, float]] = {}
+        self._timer: threading.Timer | None = None
+        atexit.register(self.close)
+
+    def acquire(self, layout: Layout) -> WorkerGroup:
+        with self._lock:
+            entry = self._idle.pop(layout, None)
+            others = list(self._idle.values())
+            self._idle.clear()
+        for group, _ in others:  # idle groups of other shapes would block placement
+            group.shutdown()
+        if entry is not None:
+            group = entry[0]
+            if self._healthy(group):
+                logger.debug("reusing warm worker group %d", group.id)
+                return group
+            group.shutdown()
+        return WorkerGroup(layout)
+
+    def _healthy(self, group: WorkerGroup) -> bool:
+        import ray
+
+        try:
+            for rank in range(group.num_workers):
+                group.call(rank, "poll", timeout=5.0)
+            return group.alive
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+
+    def release(self, group: WorkerGroup) -> None:
+        idle_s = settings.WORKER_IDLE_TIMEOUT_S.get()
+        if not group.alive or idle_s <= 0:
+            group.shutdown()
+            return
+        with self._lock:
+            previous = self._idle.pop(group.layout, None)
+            self._idle[group.layout] = (group, time.monotonic() + idle_s)
+        if previous is not None and previous[0] is not group:
+            previous[0].shutdown()
+        self._arm(idle_s)
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(delay + 0.05, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [g for g, deadline in self._idle.values() if deadline <= now]
+            self._idle = {k: v for k, v in self._idle.items() if v[1] > now}
+            next_deadline = min((v[1] for v in self._idle.values()), default=None)
+        for group in expired:
+            logger.debug("idle worker group %d gives its resources back", group.id)
+            group.shutdown()
+        if next_deadline is not None:
+            self._arm(max(next_deadline - now, 0.0))
+
+    def forget(self, group: WorkerGroup) -> None:
+        with self._lock:
+            for key, (g, _) in list(self._idle.items()):
+                if g is group:
+                    del self._idle[key]
+
+    def close(self) -> None:
+        """Shut every idle group down (at exit, or when a caller asks)."""
+        with self._lock:
+            groups = [g for g, _ in self._idle.values()]
+            self._idle.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+        except ImportError:
+            return
+        for group in groups:
+            group.shutdown()
+
+
+_pool = _Pool()
+
+
+def acquire(layout: Layout) -> WorkerGroup:
+    """A group for ``layout``: a warm one if it matches, else a new one."""
+    return _pool.acquire(layout)
+
+
+def release(group: WorkerGroup) -> None:
+    """Give a group whose run ended well back to the warm pool."""
+    _pool.release(group)
+
+
+def shutdown_idle() -> None:
+    """Give back every idle warm group's resources now."""
+    _pool.close()

@@ -1,0 +1,90 @@
+"""The process side of a worker: a Ray actor that runs one function per run.
+
+The actor is threaded (two slots): one runs the user's function, the other
+answers the driver's polls for progress while it does.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from neve._internal import context as _context
+
+_events: collections.deque[Any] = collections.deque(maxlen=10_000)
+_events_lock = threading.Lock()
+
+
+def report(event: Any) -> None:
+    """Queue a progress event for the driver (called inside a worker)."""
+    with _events_lock:
+        _events.append(event)
+
+
+def drain() -> list[Any]:
+    with _events_lock:
+        out = list(_events)
+        _events.clear()
+    return out
+
+
+@contextlib.contextmanager
+def quiet_native_output() -> Iterator[None]:
+    """Silence what native code writes to fd 1 and 2 for a short block (banners)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (null, *saved):
+            os.close(fd)
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free on this node right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerActor:
+    """One worker process of a group (wrapped with ``ray.remote`` by the group)."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+
+    def __repr__(self) -> str:  # Ray prefixes the worker's output with this
+        return self._label
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def poll(self) -> list[Any]:
+        return drain()
+
+    def run(self, fn: Callable[[_context.WorkerContext], Any], ctx: _context.WorkerContext) -> Any:
+        drain()
+        with _context.activate(ctx):
+            return fn(ctx)
