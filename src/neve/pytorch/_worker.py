@@ -1,0 +1,116 @@
+"""What runs in each worker process of a PyTorchDistributor run.
+
+The worker gets torchrun's environment, a fresh local model directory, and a
+process group that is initialised once: the user's own
+``dist.init_process_group(...)`` (once, twice, or not at all) finds it ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from neve._internal import settings, stages
+from neve._internal.context import WorkerContext, activate
+from neve.pytorch._context import MetricsReporter
+
+logger = logging.getLogger(__name__)
+
+TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK",
+                 "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+
+
+@dataclass
+class WorkerOutcome:
+    """What a worker sends back: rank 0 adds its packed model directory."""
+
+    metrics: list[dict[str, Any]]
+    packed_model: bytes | None
+
+
+def torchrun_env(ctx: WorkerContext) -> dict[str, str]:
+    env = {
+        "RANK": str(ctx.rank),
+        "LOCAL_RANK": str(ctx.local_rank),
+        "WORLD_SIZE": str(ctx.world_size),
+        "LOCAL_WORLD_SIZE": str(ctx.local_world_size),
+        "NODE_RANK": str(ctx.node_rank),
+        "GROUP_RANK": str(ctx.node_rank),
+        "MASTER_ADDR": ctx.master_addr,
+        "MASTER_PORT": str(ctx.master_port),
+    }
+    visible = ctx.extras.get("cuda_visible_devices")
+    if visible:
+        env["CUDA_VISIBLE_DEVICES"] = str(visible)
+    return env
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in TORCHRUN_KEYS}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def process_group(backend: str) -> Iterator[None]:
+    """Initialise the default process group once; make later init calls no-ops."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=settings.COLLECTIVE_TIMEOUT_S.get())
+    dist.init_process_group(backend=backend, timeout=timeout)
+    original = dist.init_process_group
+
+    def init_process_group(*args: Any, **kwargs: Any) -> None:
+        if dist.is_initialized():
+            asked = kwargs.get("backend", args[0] if args else None)
+            if asked and asked not in backend:
+                logger.warning(
+                    "init_process_group(backend=%r) ignored: neve already initialised the "
+                    "process group with %r (see get_context().get_default_backend())",
+                    asked, backend,
+                )
+            return
+        original(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
+    try:
+        yield
+    finally:
+        dist.init_process_group = original
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def entry(train_func: Callable[[], Any]) -> Callable[[WorkerContext], WorkerOutcome]:
+    """The function each worker runs: ``train_func`` inside torchrun's environment."""
+
+    def run(ctx: WorkerContext) -> WorkerOutcome:
+        model_dir = tempfile.mkdtemp(prefix=f"neve-model-{ctx.run_id}-rank{ctx.rank}-")
+        reporter = MetricsReporter(ctx.rank)
+        full = replace(ctx, model_dir=model_dir,
+                       extras={**ctx.extras, "metrics_reporter": reporter})
+        try:
+            with _environment(torchrun_env(full)), activate(full), \
+                    process_group(ctx.extras.get("process_group_backend", ctx.default_backend)):
+                train_func()
+            packed = stages.pack(model_dir) if ctx.rank == 0 else None
+            return WorkerOutcome(reporter.history, packed)
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+    return run
