@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = str(Path(__file__).parent)
+sys.path.insert(0, TESTS)
+# Ray workers inherit this: functions defined in test modules unpickle there.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (TESTS, os.environ.get("PYTHONPATH")) if p
+)
 
 # Quiet, private, loopback-only Ray for the whole session; no progress bars.
 os.environ.setdefault("NEVE_PROGRESS", "0")
