@@ -59,7 +59,7 @@ class WorkerGroup:
 
     def __init__(self, layout: Layout) -> None:
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cluster.ensure_ray()
@@ -72,22 +72,9 @@ class WorkerGroup:
         layout.check_feasible(view)
 
         self._pg = placement_group(layout.bundles(), strategy=layout.strategy)
-        timeout = settings.PLACEMENT_TIMEOUT_S.get()
         try:
-            ray.get(self._pg.ready(), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self._pg)
-            self._pg = None
-            available = ray.available_resources()
-            raise ResourcesUnavailableError(
-                f"the cluster could not place {layout.describe()} within {timeout:g} s "
-                f"(NEVE_PLACEMENT_TIMEOUT_S={timeout:g}). It has {view.describe()}; free now: "
-                f"{available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs. "
-                "Likely causes: other jobs hold the resources, or nodes are still joining."
-            ) from None
-
-        remote_cls = ray.remote(max_concurrency=2)(WorkerActor)
-        try:
+            self._await_placement(view)
+            remote_cls = ray.remote(max_concurrency=2)(WorkerActor)
             for rank, i in enumerate(self._rank_order()):
                 strategy = PlacementGroupSchedulingStrategy(
                     placement_group=self._pg,
@@ -101,9 +88,24 @@ class WorkerGroup:
                     ).remote(f"rank {rank}")
                 )
             self._describe_workers(self._await_start())
-        except BaseException:
+        except BaseException:  # Ctrl-C included: leave nothing reserved
             self.shutdown()
             raise
+
+    def _await_placement(self, view: cluster.ClusterView) -> None:
+        import ray
+
+        timeout = settings.PLACEMENT_TIMEOUT_S.get()
+        try:
+            ray.get(self._pg.ready(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            available = ray.available_resources()
+            raise ResourcesUnavailableError(
+                f"the cluster could not place {self.layout.describe()} within {timeout:g} s "
+                f"(NEVE_PLACEMENT_TIMEOUT_S={timeout:g}). It has {view.describe()}; free now: "
+                f"{available.get('CPU', 0):g} CPUs, {available.get('GPU', 0):g} GPUs. "
+                "Likely causes: other jobs hold the resources, or nodes are still joining."
+            ) from None
 
     def _rank_order(self) -> list[int]:
         """Worker slots ordered by node (first seen), so ranks count node by node."""
