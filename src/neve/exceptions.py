@@ -14,6 +14,7 @@
     │   ├── ResourcesUnavailableError  the cluster lacks the CPUs/GPUs/nodes asked for
     │   └── WorkerStartTimeoutError    workers were placed but never became ready
     ├── WorkerError                  a worker raised or died; carries rank and traceback
+    │   └── WorkerLostError          a worker process died (killed, out of memory, crashed)
     ├── StageError                   a stage cannot be resolved, written or published
     └── ContextError                 a per-worker API was called outside a run
 
@@ -37,6 +38,7 @@ __all__ = [
     "SourceError",
     "StageError",
     "WorkerError",
+    "WorkerLostError",
     "WorkerStartTimeoutError",
 ]
 
@@ -97,6 +99,10 @@ class WorkerError(NeveError):
 
     def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
         return (type(self), (str(self.args[0]), self.rank))
+
+
+class WorkerLostError(WorkerError):
+    """A worker process died: killed, out of memory, or crashed in native code."""
 
 
 class StageError(NeveError):

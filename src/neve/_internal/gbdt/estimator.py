@@ -84,8 +84,15 @@ class GBDTEstimator:
         group_col: str | None = None,
         early_stopping_rounds: int | None = None,
         init_model: Any = None,
+        max_failures: int = 0,
     ) -> Any:
-        """Train on every worker of the cluster and return the framework's Booster."""
+        """Train on every worker of the cluster and return the framework's Booster.
+
+        ``max_failures`` > 0 restarts every worker from rank 0's last checkpoint
+        (taken every tenth of the rounds) when a worker fails, up to that many times.
+        """
+        if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+            raise ConfigError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         scaling = self.scaling_config if self.scaling_config is not None else self._scaling_type()
         if not isinstance(scaling, GBDTScalingConfig):
             raise ConfigError(
@@ -115,6 +122,7 @@ class GBDTEstimator:
             verbose_eval=verbose_eval,
             callbacks=self.callbacks,
             init_model=self._model_payload(init_model),
+            max_failures=max_failures,
         )
         self._model = self._load(result.model)
         self._evals_result = result.evals_result

@@ -51,11 +51,20 @@ class _Log:
             print(f"[LightGBM] {message.strip()}", file=sys.stderr)
 
 
-def _reporter(env: Any) -> None:
-    metrics: dict[str, dict[str, float]] = {}
-    for data, name, value, *_ in env.evaluation_result_list or []:
-        metrics.setdefault(data, {})[name] = float(value)
-    report({"iteration": env.iteration, "metrics": metrics})
+def _reporter(checkpoint_every: int) -> Callable[[Any], None]:
+    """Sends each round's metrics (and checkpoints) to the driver (rank 0 only)."""
+
+    def callback(env: Any) -> None:
+        metrics: dict[str, dict[str, float]] = {}
+        for data, name, value, *_ in env.evaluation_result_list or []:
+            metrics.setdefault(data, {})[name] = float(value)
+        # LightGBM numbers rounds globally, also when resuming from init_model.
+        event: dict[str, Any] = {"iteration": env.iteration, "metrics": metrics}
+        if checkpoint_every and (env.iteration + 1) % checkpoint_every == 0:
+            event["checkpoint"] = env.model.model_to_string()
+        report(event)
+
+    return callback
 
 
 def _join_network(collective: dict[str, Any], rank: int, world_size: int) -> None:
@@ -118,7 +127,7 @@ class LightGBMBackend(Backend):
         if task.early_stopping_rounds:
             callbacks.append(lgb.early_stopping(task.early_stopping_rounds, verbose=False))
         if ctx.rank == 0:
-            callbacks.append(_reporter)
+            callbacks.append(_reporter(task.checkpoint_every))
         booster = lgb.train(
             params,
             dtrain,

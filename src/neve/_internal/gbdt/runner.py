@@ -43,6 +43,10 @@ class TrainTask:
     use_gpu: bool
     collective: Mapping[str, Any] = field(default_factory=dict)
     init_model: Any = None
+    #: rounds already in ``init_model`` when resuming after a failure (xgboost counts from 0)
+    round_offset: int = 0
+    #: rank 0 sends a checkpoint every this many rounds (0: never)
+    checkpoint_every: int = 0
 
     def train_source(self, ctx: WorkerContext) -> PlanSource:
         return PlanSource(self.train.shard(ctx.rank, ctx.world_size), self.train.schema,
@@ -127,6 +131,7 @@ def fit(
     verbose_eval: int | bool | None = None,
     callbacks: Sequence[Any] | None = None,
     init_model: Any = None,
+    max_failures: int = 0,
 ) -> TrainResult:
     """Fit on the cluster; return rank 0's model and evaluation history."""
     if early_stopping_rounds is not None and eval_set is None:
@@ -179,32 +184,90 @@ def fit(
         use_gpu=bool(layout.gpus_per_worker),
         init_model=init_model,
     )
-    attempts = 3
-    for attempt in range(1, attempts + 1):
-        try:
-            result = _run_once(backend, task, layout, verbose_every)
-            result.spec = spec
-            return result
-        except WorkerError as exc:
-            if attempt == attempts or not backend.retryable(exc):
-                raise
-            logger.warning("%s: attempt %d failed (%s); retrying", backend.name, attempt,
-                           str(exc).splitlines()[0])
-    raise AssertionError("unreachable")
+    if max_failures > 0:
+        task = replace(task, checkpoint_every=max(1, num_boost_round // 10))
+    progress = Progress(num_boost_round, f"{backend.name} ({layout.num_workers} workers)",
+                        verbose_every=verbose_every)
+    resume = _Resume()
+    failures = port_retries = 0
+    try:
+        while True:
+            try:
+                result = _run_once(backend, task, layout, progress, resume)
+                break
+            except WorkerError as exc:
+                first_line = str(exc).splitlines()[0]
+                if backend.retryable(exc) and port_retries < 2:
+                    port_retries += 1
+                    logger.warning("%s: %s; retrying", backend.name, first_line)
+                    continue
+                if failures >= max_failures or resume.checkpoint is None:
+                    raise
+                failures += 1
+                logger.warning(
+                    "%s: %s; restarting every worker from the checkpoint at round %d "
+                    "(failure %d of max_failures=%d)", backend.name, first_line,
+                    resume.rounds_done, failures, max_failures,
+                )
+                task = replace(
+                    task,
+                    init_model=resume.checkpoint,
+                    num_boost_round=num_boost_round - resume.rounds_done,
+                    round_offset=resume.rounds_done,
+                )
+                resume.truncate()
+    finally:
+        progress.finish(resume.last.get("iteration"), resume.last.get("metrics"))
+    result.evals_result = resume.merged(result.evals_result, task.round_offset)
+    result.spec = spec
+    return result
 
 
-def _run_once(backend: Backend, task: TrainTask, layout: Layout,
-              verbose_every: int | None) -> TrainResult:
+@dataclass
+class _Resume:
+    """What the driver keeps of a run in flight: metrics so far and the last checkpoint."""
+
+    checkpoint: Any = None
+    rounds_done: int = 0
+    history: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, event: dict[str, Any]) -> None:
+        self.last = event
+        del self.history[event["iteration"]:]
+        self.history.append(event.get("metrics") or {})
+        if "checkpoint" in event:
+            self.checkpoint = event["checkpoint"]
+            self.rounds_done = event["iteration"] + 1
+
+    def truncate(self) -> None:
+        del self.history[self.rounds_done:]
+
+    def merged(self, tail: dict[str, dict[str, list[float]]],
+               offset: int) -> dict[str, dict[str, list[float]]]:
+        """The rounds before a restart (from events) followed by the last attempt's."""
+        if offset == 0:
+            return tail
+        out: dict[str, dict[str, list[float]]] = {}
+        for metrics in self.history[:offset]:
+            for data, values in metrics.items():
+                for name, value in values.items():
+                    out.setdefault(data, {}).setdefault(name, []).append(value)
+        for data, values in tail.items():
+            for name, series in values.items():
+                out.setdefault(data, {}).setdefault(name, []).extend(series)
+        return out
+
+
+def _run_once(backend: Backend, task: TrainTask, layout: Layout, progress: Progress,
+              resume: _Resume) -> TrainResult:
     workers = group.acquire(layout)
     collective, close = backend.start_collective(workers)
     task = replace(task, collective=collective)
-    progress = Progress(task.num_boost_round, f"{backend.name} ({layout.num_workers} workers)",
-                        verbose_every=verbose_every)
-    last: dict[str, Any] = {}
 
     def on_events(events: list[Any]) -> None:
         for event in events:
-            last.update(event)
+            resume.record(event)
             progress.step(event["iteration"], event.get("metrics"))
 
     contexts = [
@@ -216,7 +279,6 @@ def _run_once(backend: Backend, task: TrainTask, layout: Layout,
         results = workers.run(_worker_entry(backend, task), contexts, on_events=on_events)
     finally:
         close()
-        progress.finish(last.get("iteration"), last.get("metrics"))
     group.release(workers)
     result = results[0]
     if not isinstance(result, TrainResult):

@@ -69,12 +69,20 @@ def quantile_matrix(source: Source, spec: FeatureSpec, what: str, params: dict[s
 
 
 class _Report(xgb.callback.TrainingCallback):
-    """Sends each round's latest metrics to the driver (rank 0 only)."""
+    """Sends each round's latest metrics (and checkpoints) to the driver (rank 0 only)."""
+
+    def __init__(self, offset: int, checkpoint_every: int) -> None:
+        super().__init__()
+        self.offset = offset
+        self.checkpoint_every = checkpoint_every
 
     def after_iteration(self, model: Any, epoch: int, evals_log: dict[str, Any]) -> bool:
         metrics = {data: {name: float(values[-1]) for name, values in log.items()}
                    for data, log in evals_log.items()}
-        report({"iteration": epoch, "metrics": metrics})
+        event: dict[str, Any] = {"iteration": self.offset + epoch, "metrics": metrics}
+        if self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0:
+            event["checkpoint"] = bytes(model.save_raw("ubj"))
+        report(event)
         return False
 
 
@@ -123,7 +131,7 @@ class XGBoostBackend(Backend):
             evals_result: dict[str, Any] = {}
             callbacks = list(task.callbacks)
             if ctx.rank == 0:
-                callbacks.append(_Report())
+                callbacks.append(_Report(task.round_offset, task.checkpoint_every))
             init = xgb.Booster(model_file=bytearray(task.init_model)) if task.init_model else None
             booster = xgb.train(
                 params,

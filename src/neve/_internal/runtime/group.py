@@ -31,6 +31,7 @@ from neve.exceptions import (
     DataError,
     ResourcesUnavailableError,
     WorkerError,
+    WorkerLostError,
     WorkerStartTimeoutError,
 )
 
@@ -200,44 +201,49 @@ class WorkerGroup:
         refs = [a.run.remote(fn_ref, c) for a, c in zip(self._actors, contexts, strict=True)]
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
-        poll_ref = None
+        events = _EventPump(self._actors[0], on_events) if on_events is not None else None
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
                 for ref in ready:
                     rank = pending.pop(ref)
-                    results[rank] = self._result(ref, rank)
-                if on_events is not None:
-                    poll_ref = self._poll(poll_ref, on_events, final=not pending)
+                    try:
+                        results[rank] = self._result(ref, rank)
+                    except WorkerError as exc:
+                        raise self._root_cause(exc, pending) from exc.__cause__
+                if events is not None:
+                    events.pump()
         except BaseException:
+            if events is not None:  # what rank 0 reported last (a checkpoint, say) counts
+                events.flush(timeout_s=2.0)
             self.shutdown()
             raise
+        if events is not None:
+            events.flush(timeout_s=5.0)
         return results
 
-    def _poll(
-        self, poll_ref: Any, on_events: Callable[[list[Any]], None], *, final: bool
-    ) -> Any:
+    def _root_cause(self, first: WorkerError, pending: dict[Any, int]) -> WorkerError:
+        """When one rank fails because a peer died, name the peer that died.
+
+        A dead worker makes its peers' collectives fail too, and either may reach
+        the driver first: wait briefly for the others and prefer a death.
+        """
         import ray
 
-        if poll_ref is not None:
-            done, _ = ray.wait([poll_ref], timeout=0 if not final else 5.0)
-            if not done:
-                return poll_ref
+        if isinstance(first, WorkerLostError) or not pending:
+            return first
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
+        for ref in ready:
             try:
-                events = ray.get(poll_ref)
-            except ray.exceptions.RayError:
-                return None
-            if events:
-                on_events(events)
-        if final:
-            try:
-                events = ray.get(self._actors[0].poll.remote(), timeout=5.0)
-            except ray.exceptions.RayError:
-                return None
-            if events:
-                on_events(events)
-            return None
-        return self._actors[0].poll.remote()
+                self._result(ref, pending[ref])
+            except WorkerError as other:
+                if isinstance(other, WorkerLostError):
+                    return WorkerLostError(
+                        f"{other}\n\n(Rank {first.rank} failed as a consequence: "
+                        f"{str(first).splitlines()[0]})",
+                        rank=other.rank,
+                    )
+        return first
 
     def _result(self, ref: Any, rank: int) -> Any:
         import ray
@@ -257,7 +263,7 @@ class WorkerGroup:
                 f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank
             ) from exc
         except ray.exceptions.RayActorError as exc:
-            raise WorkerError(
+            raise WorkerLostError(
                 f"{where} died: {exc}. Likely causes: the process ran out of memory, was "
                 "killed, or a native library aborted (LightGBM aborts a worker whose peer "
                 "is gone). Every worker was stopped.",
@@ -282,6 +288,44 @@ class WorkerGroup:
             except Exception:
                 pass
         _pool.forget(self)
+
+
+class _EventPump:
+    """Polls rank 0 for progress events while a run is in flight (one poll at a time)."""
+
+    def __init__(self, actor: Any, sink: Callable[[list[Any]], None]) -> None:
+        self._actor = actor
+        self._sink = sink
+        self._ref: Any = None
+
+    def _deliver(self, ref: Any, timeout_s: float) -> bool:
+        import ray
+
+        try:
+            events = ray.get(ref, timeout=timeout_s)
+        except (ray.exceptions.RayError, TimeoutError):
+            return False
+        if events:
+            self._sink(events)
+        return True
+
+    def pump(self) -> None:
+        """Deliver a finished poll, if any, and start the next."""
+        import ray
+
+        if self._ref is not None:
+            done, _ = ray.wait([self._ref], timeout=0)
+            if not done:
+                return
+            self._deliver(self._ref, 0)
+        self._ref = self._actor.poll.remote()
+
+    def flush(self, timeout_s: float) -> None:
+        """Deliver everything rank 0 still holds (bounded), starting nothing new."""
+        if self._ref is not None and not self._deliver(self._ref, timeout_s):
+            return
+        self._ref = None
+        self._deliver(self._actor.poll.remote(), timeout_s)
 
 
 class _Pool:
