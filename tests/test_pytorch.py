@@ -345,3 +345,27 @@ def test_gpu_workers_use_nccl_and_their_own_device(tmp_path: Path) -> None:
 
     result = PyTorchDistributor(train_func, config).run(artifact_stage_location=str(tmp_path))
     assert result.get_metrics()["sum"] == 1.0
+
+
+def test_dataloader_processes_inside_a_worker_split_the_shard(tmp_path: Path) -> None:
+    frame = make_frame(3_001, seed=9)
+
+    def train_func() -> None:
+        from torch.utils.data import DataLoader
+
+        ctx = get_context()
+        shard = ctx.get_dataset_map()["train"].get_shard()
+        dataset = shard.to_torch_dataset(batch_size=100, drop_last_batch=False)
+        ids = np.concatenate(
+            [b["id"].numpy() for b in DataLoader(dataset, batch_size=None, num_workers=2)]
+        )
+        expected = shard.to_arrow(columns=["id"])["id"].to_numpy()
+        assert len(ids) == len(expected), (len(ids), len(expected))
+        assert np.array_equal(np.sort(ids), np.sort(expected))
+        ctx.get_metrics_reporter().log_metrics({"rows": len(ids)})
+
+    result = PyTorchDistributor(train_func, TWO_WORKERS).run(
+        dataset_map={"train": ShardedDataConnector.from_dataframe(frame)},
+        artifact_stage_location=str(tmp_path),
+    )
+    assert result.get_metrics()["rows"] in (1500, 1501)

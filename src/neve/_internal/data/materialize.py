@@ -23,6 +23,8 @@ from neve._internal.data.fragments import (
     IpcBatchFragment,
     ObjectRefFragment,
     Plan,
+    SliceFragment,
+    TableFragment,
 )
 from neve._internal.data.sources import ArrowSource, Source
 
@@ -99,8 +101,22 @@ def plan_in_process(source: Source, columns: Sequence[str] | None) -> Plan:
         return Plan(ArrowSource(table).local_fragments(), schema)
     fragments = source.fragments(columns)
     if fragments is not None:
-        return Plan(fragments, schema)
+        return Plan([_local(f) for f in fragments], schema)
     return Plan(_spill(source, columns, schema), schema)
+
+
+def _local(fragment: Fragment) -> Fragment:
+    """Object-store blocks fetched now (zero-copy from shared memory), so that
+    DataLoader processes forked from this one, which cannot call Ray, can read them."""
+    if isinstance(fragment, ObjectRefFragment):
+        import ray
+
+        block = ray.get(fragment.ref)
+        table = pa.Table.from_batches([block]) if isinstance(block, pa.RecordBatch) else block
+        return TableFragment(table)
+    if isinstance(fragment, SliceFragment):
+        return SliceFragment(_local(fragment.fragment), fragment.offset, fragment.num_rows)
+    return fragment
 
 
 def _spill(source: Source, columns: Sequence[str] | None, schema: pa.Schema) -> list[Fragment]:
