@@ -16,7 +16,7 @@ from neve._internal.data.resolve import PlanSource
 from neve._internal.gbdt.features import FeatureSpec, dense, group_sizes
 from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
 from neve._internal.runtime import group
-from neve._internal.runtime.worker import quiet_native_output, report
+from neve._internal.runtime.worker import quiet_native_output, release_port, report
 
 try:
     import lightgbm as lgb
@@ -71,6 +71,7 @@ def _join_network(collective: dict[str, Any], rank: int, world_size: int) -> Non
     """LightGBM's own network init (as ``Booster.set_network`` does), minus its banners."""
     import ctypes
 
+    release_port(collective["ports"][rank])
     with quiet_native_output():
         lgb.basic._safe_call(
             lgb.basic._LIB.LGBM_NetworkInit(
@@ -89,7 +90,8 @@ class LightGBMBackend(Backend):
     def start_collective(self, workers: group.WorkerGroup) -> tuple[dict[str, Any], Callable[[], None]]:
         if workers.num_workers == 1:
             return {}, lambda: None
-        ports = [workers.call(rank, "free_port") for rank in range(workers.num_workers)]
+        # Each worker holds its port bound until LightGBM binds it (see _join_network).
+        ports = [workers.call(rank, "hold_port") for rank in range(workers.num_workers)]
         machines = ",".join(
             f"{w.node_ip}:{port}" for w, port in zip(workers.workers, ports, strict=True)
         )

@@ -59,6 +59,30 @@ def free_port(host: str = "") -> int:
         return int(sock.getsockname()[1])
 
 
+_held_ports: dict[int, socket.socket] = {}
+
+
+def hold_port() -> int:
+    """A free port, kept bound by this process until :func:`release_port`.
+
+    Holding it closes the window in which another process could take a port that
+    was picked as free and handed to a framework that binds it later.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("", 0))
+    port = int(sock.getsockname()[1])
+    _held_ports[port] = sock
+    return port
+
+
+def release_port(port: int) -> None:
+    """Let go of a held port, just before the framework binds it."""
+    sock = _held_ports.pop(port, None)
+    if sock is not None:
+        sock.close()
+
+
 class WorkerActor:
     """One worker process of a group (wrapped with ``ray.remote`` by the group)."""
 
@@ -81,10 +105,17 @@ class WorkerActor:
     def free_port(self) -> int:
         return free_port()
 
+    def hold_port(self) -> int:
+        return hold_port()
+
     def poll(self) -> list[Any]:
         return drain()
 
     def run(self, fn: Callable[[_context.WorkerContext], Any], ctx: _context.WorkerContext) -> Any:
         drain()
-        with _context.activate(ctx):
-            return fn(ctx)
+        try:
+            with _context.activate(ctx):
+                return fn(ctx)
+        finally:
+            for port in list(_held_ports):
+                release_port(port)
