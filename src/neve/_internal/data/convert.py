@@ -2,7 +2,8 @@
 
 * integers, floats, booleans -> numeric arrays; NULL in a float column -> NaN
   (an integer or boolean column with NULLs becomes float64 with NaN);
-* decimals -> float64, or int64 when their scale is 0;
+* decimals -> float64, or int64 when their scale is 0; PostgreSQL NUMERIC, which
+  the ADBC driver returns as decimal text without its scale, -> float64;
 * dates and timestamps -> int64 (their Arrow storage: days or time units);
 * strings, binary and dictionary columns -> Python values (a list per batch).
 """
@@ -17,10 +18,22 @@ import pyarrow.compute as pc
 import pyarrow.types as pat
 
 
+def _is_text_numeric(dtype: pa.DataType) -> bool:
+    """PostgreSQL NUMERIC as ADBC reads it: an opaque extension type over decimal text."""
+    opaque = getattr(pa, "OpaqueType", None)
+    return (
+        opaque is not None
+        and isinstance(dtype, opaque)
+        and dtype.type_name == "numeric"
+        and pat.is_string(dtype.storage_type)
+    )
+
+
 def is_numeric(dtype: pa.DataType) -> bool:
     """Whether a column of this type becomes a numeric array."""
     return (
-        pat.is_integer(dtype)
+        _is_text_numeric(dtype)
+        or pat.is_integer(dtype)
         or pat.is_floating(dtype)
         or pat.is_boolean(dtype)
         or pat.is_decimal(dtype)
@@ -39,7 +52,9 @@ def numeric_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     dtype = column.type
-    if pat.is_decimal(dtype):
+    if _is_text_numeric(dtype):
+        column = pc.cast(column.storage, pa.float64())
+    elif pat.is_decimal(dtype):
         target = pa.int64() if dtype.scale == 0 and column.null_count == 0 else pa.float64()
         column = pc.cast(column, target)
     elif pat.is_temporal(dtype):

@@ -3,7 +3,8 @@
 Parquet files split into one fragment per row group and IPC files into one per
 record batch, read from their metadata on the driver (cheap): each worker then
 reads its own row groups straight from storage. CSV has no row index, so CSV
-files are streamed by the process that reads them.
+files are streamed by the process that reads them; so are files on a filesystem
+that lives inside this process (``memory://``), which no other process can open.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ FORMATS = {
     ".ipc": "ipc",
     ".feather": "ipc",
 }
+
+# Filesystems whose files live in this process only: other processes cannot read them.
+_PROCESS_LOCAL_PROTOCOLS = ("memory",)
+
+
+def _process_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return any(p in _PROCESS_LOCAL_PROTOCOLS for p in protocol)
 
 
 def _format_of(path: str) -> str | None:
@@ -75,7 +84,7 @@ class FileSource(Source):
                     raise SourceError(f"no such file or folder: {url!r}")
         formats = {self.format or _format_of(p) for _, p in self.files}
         if None in formats:
-            unknown = [p for _, p in self.files if not _format_of(p)][0]
+            unknown = next(p for _, p in self.files if not _format_of(p))
             raise ConfigError(
                 f"cannot tell the format of {unknown!r} from its name; pass "
                 "format='parquet', 'csv' or 'ipc'"
@@ -116,6 +125,12 @@ class FileSource(Source):
         return self._schema
 
     def fragments(self, columns: Sequence[str] | None) -> list[Fragment] | None:
+        if any(_process_local(fs) for fs, _ in self.files):
+            return None  # memory:// files: only this process can read them
+        return self._file_fragments()
+
+    def _file_fragments(self) -> list[Fragment] | None:
+        """Row groups / record batches of every file (``None`` for CSV)."""
         if self.format == "csv":
             return None
         out: list[Fragment] = []
@@ -138,7 +153,7 @@ class FileSource(Source):
         return out
 
     def stream(self, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
-        fragments = self.fragments(columns)
+        fragments = self._file_fragments()
         if fragments is not None:
             for fragment in fragments:
                 with source_error(f"reading {getattr(fragment, 'path', self.description)!r}"):

@@ -63,7 +63,7 @@ def source_from_sql(query: str, session: Any = None) -> Source:
     kind = _type_path(session)
     if kind.startswith("duckdb") or kind.startswith("_duckdb"):
         return DuckDBSource(query=query, connection=session)
-    if kind.startswith("adbc_driver_manager"):
+    if kind.startswith("adbc_driver_"):  # adbc_driver_manager.dbapi, adbc_driver_sqlite.dbapi
         return ADBCSource(query, connection=session)
     if isinstance(session, (str, os.PathLike)):
         target = os.fspath(session)

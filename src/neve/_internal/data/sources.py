@@ -74,6 +74,22 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _connect_read_only(database: str) -> Any:
+    """Open a DuckDB file read-only, or share this process's open read-write instance.
+
+    DuckDB refuses a read-only connection to a file this process already holds open
+    for writing ("different configuration"); a plain connect then reuses that instance.
+    """
+    import duckdb
+
+    try:
+        return duckdb.connect(database, read_only=True)
+    except duckdb.ConnectionException as exc:
+        if "different configuration" not in str(exc):
+            raise
+        return duckdb.connect(database)
+
+
 class DuckDBSource(Source):
     """A DuckDB relation, or a query on a DuckDB connection or database file."""
 
@@ -118,7 +134,7 @@ class DuckDBSource(Source):
             if self._connection is not None:
                 yield self._connection.sql(self.query)
             elif self.database is not None:
-                con = duckdb.connect(self.database, read_only=True)
+                con = _connect_read_only(self.database)
                 try:
                     yield con.sql(self.query)
                 finally:
