@@ -132,15 +132,19 @@ def feature_matrix(batch: pa.RecordBatch, spec: FeatureSpec) -> np.ndarray:
     return features
 
 
+def _check_label(column: pa.Array, spec: FeatureSpec, what: str) -> None:
+    if column.null_count:
+        raise NullLabelError(
+            f"label column {spec.label_col!r} holds {column.null_count} NULL value(s) in "
+            f"{what}; filter them out (WHERE {spec.label_col} IS NOT NULL) or fill them"
+        )
+
+
 def to_arrays(batch: pa.RecordBatch, spec: FeatureSpec, what: str) -> Arrays:
     """Convert one batch; NULL labels are an error, NULL features are missing values."""
     features = feature_matrix(batch, spec)
     label_column = batch.column(spec.label_col)
-    if label_column.null_count:
-        raise NullLabelError(
-            f"label column {spec.label_col!r} holds {label_column.null_count} NULL value(s) "
-            f"in {what}; filter them out (WHERE {spec.label_col} IS NOT NULL) or fill them"
-        )
+    _check_label(label_column, spec, what)
     label = numeric_array(label_column).astype(np.float32, copy=False)
     weight = (
         numeric_array(batch.column(spec.weight_col)).astype(np.float32, copy=False)
@@ -159,25 +163,26 @@ def iter_arrays(source: Source, spec: FeatureSpec, what: str) -> Iterator[Arrays
         yield to_arrays(batch, spec, what)
 
 
-def dense(source: Source, spec: FeatureSpec, what: str, num_rows: int) -> Arrays:
-    """All of a source's rows in one preallocated float32 matrix (LightGBM, predict)."""
-    features = np.empty((num_rows, len(spec.input_cols)), dtype=np.float32)
+def targets(source: Source, spec: FeatureSpec, what: str, num_rows: int) -> Arrays:
+    """Label, weight and group of every row (features left empty): one projected pass."""
+    columns = [c for c in (spec.label_col, spec.weight_col, spec.group_col) if c]
     label = np.empty(num_rows, dtype=np.float32)
     weight = np.empty(num_rows, dtype=np.float32) if spec.weight_col else None
     group = np.empty(num_rows, dtype=np.int64) if spec.group_col else None
     offset = 0
-    for part in iter_arrays(source, spec, what):
-        end = offset + len(part.label)
-        features[offset:end] = part.features
-        label[offset:end] = part.label
-        if weight is not None and part.weight is not None:
-            weight[offset:end] = part.weight
-        if group is not None and part.group is not None:
-            group[offset:end] = part.group
+    for batch in source.stream(columns):
+        end = offset + batch.num_rows
+        label_column = batch.column(spec.label_col)
+        _check_label(label_column, spec, what)
+        label[offset:end] = numeric_array(label_column)
+        if weight is not None:
+            weight[offset:end] = numeric_array(batch.column(spec.weight_col))
+        if group is not None:
+            group[offset:end] = numeric_array(batch.column(spec.group_col))
         offset = end
     if offset != num_rows:
         raise RuntimeError(f"expected {num_rows} rows from {what}, read {offset}")
-    return Arrays(features, label, weight, group)
+    return Arrays(np.empty((num_rows, 0), dtype=np.float32), label, weight, group)
 
 
 def group_sizes(qid: np.ndarray) -> np.ndarray:

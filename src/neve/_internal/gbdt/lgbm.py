@@ -1,5 +1,6 @@
 """LightGBM backend: network parameters (``machines``, ``local_listen_port``,
-``num_machines``, a short ``time_out``), a Dataset built from the shard's arrays,
+``num_machines``, a short ``time_out``), a Dataset streamed from the shard's Arrow
+pieces (a ``lightgbm.Sequence``: no whole float32 copy of the shard),
 every worker evaluating the whole eval set (LightGBM does not combine metrics, so
 a split eval set makes early stopping disagree and hang: microsoft/LightGBM#6351)."""
 
@@ -10,10 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from neve._internal import settings
 from neve._internal.context import WorkerContext
 from neve._internal.data.resolve import PlanSource
-from neve._internal.gbdt.features import FeatureSpec, dense, group_sizes
+from neve._internal.gbdt.features import FeatureSpec, feature_matrix, group_sizes, targets
 from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, release_port, report
@@ -24,11 +27,65 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("neve.lightgbm needs lightgbm: pip install 'neve[lightgbm]'") from exc
 
 
+class ArrowRows(lgb.Sequence):
+    """A shard's features as a LightGBM ``Sequence``: read piece by piece, never whole.
+
+    LightGBM samples rows by index to find its bins, then pushes the rows in
+    ranges; both walk the pieces in order, so one piece's float32 matrix is
+    cached at a time instead of the whole shard's.
+    """
+
+    batch_size = 65_536
+
+    def __init__(self, source: PlanSource, spec: FeatureSpec) -> None:
+        self._pieces = source.pieces
+        self._spec = spec
+        self._starts = np.cumsum([0] + [p.stop - p.start for p in self._pieces])
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _piece(self, k: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != k:
+            self._cached = None  # let the previous matrix go before reading the next
+            parts = [feature_matrix(b, self._spec)
+                     for b in self._pieces[k].read(list(self._spec.input_cols))]
+            self._cached = (k, np.concatenate(parts) if len(parts) != 1 else parts[0])
+        return self._cached[1]
+
+    def _locate(self, row: int) -> int:
+        return int(np.searchsorted(self._starts, row, side="right")) - 1
+
+    def __getitem__(self, idx: int | slice | list[int]) -> np.ndarray:
+        if isinstance(idx, slice):
+            start, stop, _ = idx.indices(len(self))
+            out = []
+            while start < stop:
+                k = self._locate(start)
+                end = min(stop, int(self._starts[k + 1]))
+                base = int(self._starts[k])
+                out.append(self._piece(k)[start - base:end - base])
+                start = end
+            width = len(self._spec.input_cols)
+            return np.concatenate(out) if out else np.empty((0, width), np.float32)
+        if isinstance(idx, list):
+            return np.stack([self[i] for i in idx])
+        k = self._locate(int(idx))  # a sampled row: LightGBM wants float64 samples
+        return self._piece(k)[int(idx) - int(self._starts[k])].astype(np.float64)
+
+
 def dataset(source: PlanSource, spec: FeatureSpec, params: dict[str, Any],
-            reference: Any = None) -> Any:
-    arrays = dense(source, spec, source.description, source.num_rows)
+            reference: Any = None, *, dense: bool = False) -> Any:
+    """A LightGBM Dataset streamed from a shard (features) plus one pass for the targets.
+
+    ``dense=True`` builds one float32 matrix instead: LightGBM must predict on the
+    raw rows to continue from an ``init_model``, and it cannot predict on a Sequence.
+    """
+    arrays = targets(source, spec, source.description, source.num_rows)
+    rows = ArrowRows(source, spec)
     return lgb.Dataset(
-        arrays.features,
+        rows[:] if dense else [rows],
         label=arrays.label,
         weight=arrays.weight,
         group=group_sizes(arrays.group) if arrays.group is not None else None,
@@ -118,11 +175,13 @@ class LightGBMBackend(Backend):
             )
             _join_network(task.collective, ctx.rank, ctx.world_size)
         train_source = task.train_source(ctx)
-        dtrain = dataset(train_source, task.spec, params)
+        resuming = bool(task.init_model)
+        dtrain = dataset(train_source, task.spec, params, dense=resuming)
         valid_sets, valid_names = [dtrain], ["train"]
         eval_source = task.eval_source(ctx)
         if eval_source is not None:
-            valid_sets.append(dataset(eval_source, task.spec, params, reference=dtrain))
+            valid_sets.append(dataset(eval_source, task.spec, params, reference=dtrain,
+                                      dense=resuming))
             valid_names.append("eval")
         evals_result: dict[str, Any] = {}
         callbacks = [*task.callbacks, lgb.record_evaluation(evals_result)]
