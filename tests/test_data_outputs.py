@@ -147,6 +147,23 @@ def test_shuffle_seed_is_reproducible(connector: DataConnector) -> None:
     assert epoch(3) != epoch(4)
 
 
+def test_seeded_shuffle_in_dataloader_workers_changes_every_epoch(
+    connector: DataConnector,
+) -> None:
+    ds = connector.to_torch_dataset(batch_size=100, shuffle=True, seed=11,
+                                    drop_last_batch=False)
+
+    def epochs() -> list[list[int]]:
+        torch.manual_seed(0)  # DataLoader draws its per-epoch worker seeds from torch
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        return [ids_of(loader), ids_of(loader)]
+
+    first, second = epochs()
+    assert sorted(first) == sorted(second) == list(range(ROWS))
+    assert first != second  # a new order in the second epoch
+    assert epochs() == [first, second]  # and the same two orders again under the same seed
+
+
 def test_columns_projection_keeps_order_and_case() -> None:
     frame = DataConnector.from_sql('SELECT 1 AS "Alpha", 2 AS beta, 3 AS "GAMMA"')
     batch = next(iter(frame.to_torch_dataset(batch_size=1, columns=["GAMMA", "Alpha"])))

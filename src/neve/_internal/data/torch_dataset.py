@@ -74,8 +74,11 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
         if self.shuffle:
             info = get_worker_info()
             base = self.seed if self.seed is not None else np.random.SeedSequence().entropy
-            worker = info.id if info is not None else 0
-            rng = np.random.default_rng([int(base) % (2**63), self._epoch, worker])  # type: ignore[arg-type]
+            # In a DataLoader process this copy of the dataset is new every epoch, so
+            # its epoch counter is always 0: torch's per-epoch worker seed (itself
+            # drawn from torch's generator, so torch.manual_seed repeats it) varies it.
+            epoch = info.seed if info is not None else self._epoch
+            rng = np.random.default_rng([int(base) % (2**63), epoch % (2**63)])  # type: ignore[arg-type]
         self._epoch += 1
         batches = self._batches(rng)
         if self.batch_size is None:
