@@ -222,10 +222,15 @@ class ADBCSource(Source):
     def schema(self) -> pa.Schema:
         if self._schema is None:
             with self._cursor() as cursor, source_error(self.description):
-                cursor.execute(self.query)
-                reader = cursor.fetch_record_batch()
-                self._schema = reader.schema
-                reader.close()
+                try:  # without running the query, where the driver can (PostgreSQL)
+                    self._schema = cursor.adbc_execute_schema(self.query)
+                except Exception as exc:
+                    if "NOT_IMPLEMENTED" not in str(exc) and "NotSupported" not in type(exc).__name__:
+                        raise
+                    cursor.execute(self.query)
+                    reader = cursor.fetch_record_batch()
+                    self._schema = reader.schema
+                    reader.close()
         return self._schema
 
     def stream(self, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
