@@ -183,7 +183,7 @@ class DataConnector:
         refs = [read.remote(f, plan.schema) for f in plan.fragments]
         if not refs:
             return ray.data.from_arrow(plan.schema.empty_table())
-        return ray.data.from_arrow_refs(refs)
+        return ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]
 
     # -- distribution -----------------------------------------------------------------
 

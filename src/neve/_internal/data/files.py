@@ -91,7 +91,7 @@ class FileSource(Source):
             )
         if len(formats) > 1:
             raise ConfigError(
-                f"from_sources reads one format at a time, got {sorted(formats)}; "
+                f"from_sources reads one format at a time, got {sorted(str(f) for f in formats)}; "
                 "make one connector per format"
             )
         self.format = formats.pop()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,7 @@ def _reporter(checkpoint_every: int) -> Callable[[Any], None]:
     return callback
 
 
-def _join_network(collective: dict[str, Any], rank: int, world_size: int) -> None:
+def _join_network(collective: Mapping[str, Any], rank: int, world_size: int) -> None:
     """LightGBM's own network init (as ``Booster.set_network`` does), minus its banners."""
     import ctypes
 

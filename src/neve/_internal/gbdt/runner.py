@@ -167,9 +167,13 @@ def fit(
             f"{train_plan.num_rows} training rows cannot be split over {layout.num_workers} "
             "workers; use fewer workers (XGBScalingConfig(num_workers=...))"
         )
-    eval_plan = evaluation._plan_for_workers(spec.columns) if evaluation is not None else None
-    if eval_plan is not None and eval_plan.num_rows == 0:
-        raise EmptyDatasetError(f"the eval set ({evaluation._source.description}) holds no rows")
+    eval_plan = None
+    if evaluation is not None:
+        eval_plan = evaluation._plan_for_workers(spec.columns)
+        if eval_plan.num_rows == 0:
+            raise EmptyDatasetError(
+                f"the eval set ({evaluation._source.description}) holds no rows"
+            )
 
     task = TrainTask(
         params=dict(params),
@@ -253,8 +257,8 @@ class _Resume:
             for data, values in metrics.items():
                 for name, value in values.items():
                     out.setdefault(data, {}).setdefault(name, []).append(value)
-        for data, values in tail.items():
-            for name, series in values.items():
+        for data, log in tail.items():
+            for name, series in log.items():
                 out.setdefault(data, {}).setdefault(name, []).extend(series)
         return out
 

@@ -75,7 +75,7 @@ class WorkerGroup:
         self._pg = placement_group(layout.bundles(), strategy=layout.strategy)
         try:
             self._await_placement(view)
-            remote_cls = ray.remote(max_concurrency=2)(WorkerActor)
+            remote_cls = ray.remote(max_concurrency=2)(WorkerActor)  # type: ignore[call-overload]
             for rank, i in enumerate(self._rank_order()):
                 strategy = PlacementGroupSchedulingStrategy(
                     placement_group=self._pg,
