@@ -320,3 +320,15 @@ def test_postgres_numeric_is_float64(postgres_uri: str) -> None:
     assert batch["note"] == ["a", "b", None]
     # to_arrow stays what the driver reports.
     assert connector.to_arrow().column("price").to_pylist() == ["1.25", None, "10.50"]
+
+
+def test_duckdb_streams_in_process_and_spills_only_for_loader_processes(duck: Any) -> None:
+    ds = DataConnector.from_dataframe(duck.table("rows")).to_torch_dataset(
+        batch_size=500, drop_last_batch=False
+    )
+    assert sorted(ids_of(ds)) == list(range(ROWS))
+    assert ds.plan is None  # read straight from DuckDB: nothing written to disk
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    assert sorted(ids_of(loader)) == list(range(ROWS))
+    assert ds.plan is not None  # spilled once, just before the loader forked
+    assert sorted(ids_of(ds)) == list(range(ROWS))  # and read from the spill since

@@ -12,7 +12,12 @@ import pyarrow as pa
 from neve._internal import context as _context
 from neve._internal.data.errors import check_columns
 from neve._internal.data.fragments import Plan
-from neve._internal.data.materialize import plan_in_object_store, plan_in_process, rebatch
+from neve._internal.data.materialize import (
+    local_plan,
+    plan_in_object_store,
+    plan_in_process,
+    rebatch,
+)
 from neve._internal.data.resolve import PlanSource, source_from_dataframe, source_from_sql
 from neve._internal.data.sources import RayDatasetSource, Source
 from neve.exceptions import ConfigError
@@ -159,7 +164,8 @@ class DataConnector:
 
         columns = self._checked(columns)
         return ArrowTorchDataset(
-            plan_in_process(self._source, columns),
+            local_plan(self._source, columns),
+            source=self._source,
             columns=columns,
             batch_size=batch_size,
             shuffle=shuffle,

@@ -76,9 +76,7 @@ def plan_in_object_store(source: Source, columns: Sequence[str] | None) -> Plan:
     """A plan the workers of a run can read: the source's own fragments, or its
     stream put into Ray's object store block by block."""
     fragments = source.fragments(columns)
-    schema = source.schema()
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
+    schema = _schema(source, columns)
     if fragments is not None:
         return Plan(fragments, schema)
     import ray
@@ -92,16 +90,30 @@ def plan_in_object_store(source: Source, columns: Sequence[str] | None) -> Plan:
 
 
 def plan_in_process(source: Source, columns: Sequence[str] | None) -> Plan:
-    """A plan that DataLoader worker processes on this machine can share."""
+    """A plan that other processes of this machine can read (spilling if need be)."""
+    return local_plan(source, columns) or spill_plan(source, columns)
+
+
+def _schema(source: Source, columns: Sequence[str] | None) -> pa.Schema:
     schema = source.schema()
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
+    return schema if columns is None else pa.schema([schema.field(c) for c in columns])
+
+
+def local_plan(source: Source, columns: Sequence[str] | None) -> Plan | None:
+    """The source's fragments, readable by processes forked from this one, or
+    ``None`` when only this process can read the source (then: :func:`spill_plan`)."""
     if isinstance(source, ArrowSource):
         table = source.table if columns is None else source.table.select(list(columns))
-        return Plan(ArrowSource(table).local_fragments(), schema)
+        return Plan(ArrowSource(table).local_fragments(), _schema(source, columns))
     fragments = source.fragments(columns)
-    if fragments is not None:
-        return Plan([_local(f) for f in fragments], schema)
+    if fragments is None:
+        return None
+    return Plan([_local(f) for f in fragments], _schema(source, columns))
+
+
+def spill_plan(source: Source, columns: Sequence[str] | None) -> Plan:
+    """The source streamed once into a temporary local Arrow IPC file."""
+    schema = _schema(source, columns)
     return Plan(_spill(source, columns, schema), schema)
 
 

@@ -1,12 +1,20 @@
 """``to_torch_dataset``: an IterableDataset over a plan of fragments.
 
-Each iteration re-reads the fragments, so the dataset serves many epochs. In a
+Each iteration re-reads the rows, so the dataset serves many epochs. In a
 DataLoader with ``num_workers > 0`` each loader process reads only its own
 contiguous share of the plan (the same cut as distributed shards).
+
+A source that only this process can read (a DuckDB connection, an ADBC cursor)
+is streamed straight from the source while this process iterates. Only when a
+process is about to be forked (a DataLoader starting its workers) or the dataset
+is pickled (spawned workers) is it spilled once to a local Arrow file that the
+loader processes share.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -15,7 +23,8 @@ import pyarrow as pa
 
 from neve._internal.data.convert import batch_to_torch
 from neve._internal.data.fragments import Piece, Plan
-from neve._internal.data.materialize import rebatch
+from neve._internal.data.materialize import rebatch, spill_plan
+from neve._internal.data.sources import Source
 
 try:
     from torch.utils.data import IterableDataset, get_worker_info
@@ -25,6 +34,18 @@ except ImportError as exc:  # pragma: no cover - exercised without torch install
     ) from exc
 
 SHUFFLE_WINDOW_ROWS = 65_536
+#: rows converted to tensors at a time; batches are views into them
+CONVERT_ROWS = 65_536
+
+_unplanned: weakref.WeakSet[ArrowTorchDataset] = weakref.WeakSet()
+
+
+def _plan_before_fork() -> None:
+    for dataset in list(_unplanned):
+        dataset._ensure_plan()
+
+
+os.register_at_fork(before=_plan_before_fork)
 
 
 class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
@@ -32,8 +53,9 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
 
     def __init__(
         self,
-        plan: Plan,
+        plan: Plan | None,
         *,
+        source: Source | None = None,
         columns: Sequence[str] | None,
         batch_size: int | None,
         shuffle: bool,
@@ -42,7 +64,10 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
         seed: int | None,
     ) -> None:
         super().__init__()
+        if plan is None and source is None:
+            raise ValueError("a plan or a source is needed")
         self.plan = plan
+        self._source = source if plan is None else None
         self.columns = list(columns) if columns is not None else None
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -50,18 +75,41 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
         self.expand_dims = expand_dims
         self.seed = seed
         self._epoch = 0
+        if self.plan is None:
+            _unplanned.add(self)
+
+    def _ensure_plan(self) -> Plan:
+        if self.plan is None:
+            assert self._source is not None
+            self.plan = spill_plan(self._source, self.columns)
+            self._source = None
+            _unplanned.discard(self)
+        return self.plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._ensure_plan()
+        return dict(self.__dict__)
 
     def _pieces(self) -> list[Piece]:
+        plan = self._ensure_plan()
         info = get_worker_info()
         if info is None or info.num_workers <= 1:
-            return self.plan.pieces()
-        return self.plan.shard(info.id, info.num_workers)
+            return plan.pieces()
+        return plan.shard(info.id, info.num_workers)
 
-    def _batches(self, rng: np.random.Generator | None) -> Iterator[pa.RecordBatch]:
+    def _stream(self, rng: np.random.Generator | None) -> Iterator[pa.RecordBatch]:
+        if self.plan is None and get_worker_info() is None:
+            assert self._source is not None
+            yield from self._source.stream(self.columns)
+            return
         pieces = self._pieces()
         if rng is not None:
             pieces = [pieces[i] for i in rng.permutation(len(pieces))]
-        stream = (b for piece in pieces for b in piece.read(self.columns))
+        for piece in pieces:
+            yield from piece.read(self.columns)
+
+    def _batches(self, rng: np.random.Generator | None) -> Iterator[pa.RecordBatch]:
+        stream = self._stream(rng)
         if rng is None:
             yield from stream
             return
@@ -85,8 +133,21 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
             for batch in batches:
                 yield from _rows(batch_to_torch(batch), batch.num_rows)
             return
-        for batch in rebatch(batches, self.batch_size, drop_last=self.drop_last_batch):
-            yield batch_to_torch(batch, expand_dims=self.expand_dims)
+        yield from _slices(batches, self.batch_size, self.drop_last_batch, self.expand_dims)
+
+
+def _slices(
+    batches: Iterator[pa.RecordBatch], size: int, drop_last: bool, expand_dims: bool
+) -> Iterator[dict[str, Any]]:
+    """Batches of ``size`` rows: converted to tensors a block at a time, then sliced."""
+    block_rows = size * max(1, CONVERT_ROWS // size)
+    for block in rebatch(batches, block_rows):
+        columns = batch_to_torch(block, expand_dims=expand_dims)
+        for start in range(0, block.num_rows, size):
+            stop = min(start + size, block.num_rows)
+            if stop - start < size and drop_last:
+                return  # only the last block can end short
+            yield {name: values[start:stop] for name, values in columns.items()}
 
 
 def _rows(columns: dict[str, Any], count: int) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,464 @@
+"""GBDT: XGBoost and LightGBM from a DuckDB file, native against neve against Ray Train.
+
+For each framework, on the ``train`` table of a DuckDB file (``--rows`` x 28
+float32 + label), with the same parameters everywhere:
+
+* ``native`` - one process, ``nthread=2``: the table read into NumPy, then
+  ``xgboost.QuantileDMatrix`` + ``xgboost.train`` (hist) or ``lightgbm.Dataset`` +
+  ``lightgbm.train``: the limit;
+* ``neve`` - ``XGBEstimator`` / ``LightGBMEstimator`` on 2 workers x 1 CPU over
+  ``DataConnector.from_dataframe(session.table("train"))``: the first fit (fresh
+  worker processes) and a second, warm fit (a new connector, so it reads the
+  table again);
+* ``Ray Train`` - ``XGBoostTrainer`` / ``LightGBMTrainer`` (2 workers x 1 CPU) over
+  ``ray.data.from_arrow`` of the same table, written as Ray's documentation
+  shows (``materialize().to_pandas()`` in each worker).
+
+Every time counts from the table in DuckDB to a Booster in the driver; Ray is
+started before (not counted). Quality is the RMSE on the held-out ``test`` table.
+Worker memory is sampled with psutil while each fit runs: ``private`` is RSS less
+shared pages (Ray's object store is shared), and neve's memory ratio is
+``(peak private - a fresh worker's peak on a tiny fit) / shard float32 bytes``.
+
+Run: ``python benchmarks/gbdt.py`` (1M rows), ``--rows 50000 --rounds 20`` to try.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+try:
+    from benchmarks import _common as common
+except ImportError:  # run as a script: python benchmarks/gbdt.py
+    import _common as common  # type: ignore[no-redef]
+
+WORKERS = 2
+TINY_ROWS = 4000
+
+
+# -- parameters --------------------------------------------------------------------------------
+
+
+XGB_PARAMS: dict[str, Any] = {"objective": "reg:squarederror", "tree_method": "hist",
+                              "max_depth": 6, "eta": 0.1, "max_bin": 256, "eval_metric": "rmse"}
+LGB_PARAMS: dict[str, Any] = {"objective": "regression", "num_leaves": 63, "learning_rate": 0.1,
+                              "max_bin": 255, "metric": "rmse", "verbosity": -1}
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def read_xy(session: Any, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """A table as a C-ordered float32 feature matrix and a label vector."""
+    arrow = session.table(table).to_arrow_table()
+    x = np.empty((arrow.num_rows, common.NUM_FEATURES), dtype=np.float32)
+    for j, name in enumerate(common.FEATURES):
+        x[:, j] = arrow.column(name).to_numpy()
+    y = arrow.column(common.LABEL).to_numpy().astype(np.float32)
+    return x, y
+
+
+def rmse(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(pred, dtype=np.float64) - y) ** 2)))
+
+
+# -- native ------------------------------------------------------------------------------------
+
+
+class OwnMemory:
+    """How much this process's private memory grows while a block runs (sampled)."""
+
+    def __enter__(self) -> OwnMemory:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        self.before = info.rss - info.shared
+        self._sampler = common.MemorySampler(interval_s=0.02)
+        self._sampler.add([os.getpid()])
+        self._sampler.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sampler.__exit__(*exc)
+        peak = self._sampler.summary()["peak_private"]
+        self.growth = None if peak is None else max(peak - self.before, 0)
+
+
+def native(framework: str, args: Any, session: Any,
+           test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """A native fit, with the growth of this process's private memory while it runs."""
+    fit = native_xgboost if framework == "xgboost" else native_lightgbm
+    with OwnMemory() as memory:
+        out = fit(args, session, test)
+    out["memory_growth"] = memory.growth
+    out["memory_ratio"] = common.ratio(memory.growth, args.rows * common.ROW_BYTES)
+    return out
+
+
+def native_xgboost(args: Any, session: Any, test: tuple[np.ndarray, np.ndarray]) -> dict:
+    import xgboost as xgb
+
+    t0 = time.perf_counter()
+    x, y = read_xy(session, "train")
+    t1 = time.perf_counter()
+    dtrain = xgb.QuantileDMatrix(x, label=y, max_bin=256, nthread=2,
+                                 feature_names=common.FEATURES)
+    t2 = time.perf_counter()
+    booster = xgb.train({**XGB_PARAMS, "nthread": 2}, dtrain, num_boost_round=args.rounds,
+                        evals=[(dtrain, "train")], verbose_eval=False)
+    t3 = time.perf_counter()
+    pred = booster.predict(xgb.DMatrix(test[0], feature_names=common.FEATURES))
+    return {"fit_s": t3 - t0, "read_s": t1 - t0, "matrix_s": t2 - t1, "train_s": t3 - t2,
+            "rmse": rmse(pred, test[1])}
+
+
+def native_lightgbm(args: Any, session: Any, test: tuple[np.ndarray, np.ndarray]) -> dict:
+    import lightgbm as lgb
+
+    t0 = time.perf_counter()
+    x, y = read_xy(session, "train")
+    t1 = time.perf_counter()
+    params = {**LGB_PARAMS, "num_threads": 2}
+    dtrain = lgb.Dataset(x, label=y, feature_name=common.FEATURES, params=params,
+                         free_raw_data=True).construct()
+    t2 = time.perf_counter()
+    booster = lgb.train(params, dtrain, num_boost_round=args.rounds, valid_sets=[dtrain],
+                        valid_names=["train"])
+    t3 = time.perf_counter()
+    return {"fit_s": t3 - t0, "read_s": t1 - t0, "matrix_s": t2 - t1, "train_s": t3 - t2,
+            "rmse": rmse(booster.predict(test[0]), test[1])}
+
+
+# -- neve --------------------------------------------------------------------------------------
+
+
+class NeveFits:
+    """neve fits with the worker processes' memory sampled while they run."""
+
+    def __init__(self, framework: str, args: Any, database: str) -> None:
+        self.framework = framework
+        self.args = args
+        self.database = database
+        self._sampler: common.MemorySampler | None = None
+        common.capture_neve_worker_pids(self._on_pids)
+
+    def _on_pids(self, pids: list[int]) -> None:
+        if self._sampler is not None:
+            self._sampler.add(pids)
+
+    def estimator(self) -> Any:
+        if self.framework == "xgboost":
+            from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+            return XGBEstimator(n_estimators=self.args.rounds, params=XGB_PARAMS,
+                                scaling_config=XGBScalingConfig(num_workers=WORKERS,
+                                                                num_cpu_per_worker=1))
+        from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+
+        return LightGBMEstimator(n_estimators=self.args.rounds, params=LGB_PARAMS,
+                                 scaling_config=LightGBMScalingConfig(num_workers=WORKERS,
+                                                                      num_cpu_per_worker=1))
+
+    def fit(self, query: str | None = None) -> tuple[Any, float, dict[str, Any]]:
+        """One fit on ``train`` (or on ``query``): booster, seconds, worker memory."""
+        import duckdb
+
+        from neve.data import DataConnector
+
+        session = duckdb.connect(self.database, read_only=True)
+        try:
+            relation = session.table("train") if query is None else session.sql(query)
+            estimator = self.estimator()
+            with common.MemorySampler() as sampler:
+                self._sampler = sampler
+                t0 = time.perf_counter()
+                booster = estimator.fit(DataConnector.from_dataframe(relation),
+                                        input_cols=common.FEATURES, label_col=common.LABEL)
+                seconds = time.perf_counter() - t0
+                self._sampler = None
+        finally:
+            session.close()
+        return booster, seconds, sampler.summary()
+
+
+def predict(framework: str, booster: Any, x: np.ndarray) -> np.ndarray:
+    if framework == "xgboost":
+        import xgboost as xgb
+
+        return booster.predict(xgb.DMatrix(x, feature_names=common.FEATURES))
+    return booster.predict(x)
+
+
+def run_neve(framework: str, args: Any, database: str,
+             test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    fits = NeveFits(framework, args, database)
+    common.release_neve_workers()
+    out: dict[str, Any] = {"status": "ok"}
+    for key, what in (("first", "first fit (fresh workers)"), ("warm", "second fit (warm)")):
+        common.log(f"neve {framework}: {what} ...")
+        booster, seconds, memory = fits.fit()
+        out[key] = {"fit_s": seconds, "rmse": rmse(predict(framework, booster, test[0]), test[1]),
+                    "memory": memory}
+        common.log(f"neve {framework}: {what}: {seconds:.2f} s, RMSE {out[key]['rmse']:.4f}, "
+                   f"peak private {common.fmt_mb(memory['peak_private'])} MiB/worker")
+    common.release_neve_workers()
+    common.log(f"neve {framework}: baseline memory: a fresh group fits {TINY_ROWS} rows ...")
+    _, _, baseline = fits.fit(f"SELECT * FROM train LIMIT {TINY_ROWS}")
+    common.release_neve_workers()
+    out["baseline"] = {"memory": baseline}
+    shard_bytes = args.rows / WORKERS * common.ROW_BYTES
+    peak, base = out["first"]["memory"]["peak_private"], baseline["peak_private"]
+    out["shard_float32_bytes"] = shard_bytes
+    out["memory_ratio"] = None if peak is None or base is None else (peak - base) / shard_bytes
+    common.log(f"neve {framework}: baseline {common.fmt_mb(base)} MiB/worker; "
+               f"(peak - baseline) / shard float32 bytes = {common.fmt_x(out['memory_ratio'])}")
+    return out
+
+
+# -- Ray Train ---------------------------------------------------------------------------------
+# The training functions run in Ray Train's workers: they reference nothing of this
+# folder (its modules are not importable there).
+
+
+def ray_train_xgboost_fn(config: dict[str, Any]) -> None:
+    import os
+
+    import ray.train
+    import xgboost
+    from ray.train.xgboost import RayTrainReportCallback
+
+    open(os.path.join(config["pid_dir"], f"pid-{os.getpid()}"), "w").close()
+    shard = ray.train.get_dataset_shard("train")
+    frame = shard.materialize().to_pandas()
+    x, y = frame.drop(columns=[config["label"]]), frame[config["label"]]
+    dtrain = xgboost.DMatrix(x, label=y)
+    xgboost.train(config["params"], dtrain, num_boost_round=config["rounds"],
+                  evals=[(dtrain, "train")], verbose_eval=False,
+                  callbacks=[RayTrainReportCallback()])
+
+
+def ray_train_lightgbm_fn(config: dict[str, Any]) -> None:
+    import os
+
+    import lightgbm
+    import ray.train
+    from ray.train.lightgbm import (
+        RayTrainReportCallback,
+        get_network_params,
+        normalize_pandas_for_lightgbm,
+    )
+
+    open(os.path.join(config["pid_dir"], f"pid-{os.getpid()}"), "w").close()
+    shard = ray.train.get_dataset_shard("train")
+    frame = normalize_pandas_for_lightgbm(shard.materialize().to_pandas())
+    x, y = frame.drop(columns=[config["label"]]), frame[config["label"]]
+    params = {**config["params"], "tree_learner": "data_parallel", "pre_partition": True,
+              **get_network_params()}
+    dtrain = lightgbm.Dataset(x, label=y)
+    lightgbm.train(params, dtrain, num_boost_round=config["rounds"], valid_sets=[dtrain],
+                   valid_names=["train"], callbacks=[RayTrainReportCallback()])
+
+
+def run_ray_train(framework: str, args: Any, database: str,
+                  test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    try:
+        import duckdb
+        import ray.data
+        from ray.train import LoggingConfig, RunConfig, ScalingConfig
+
+        if framework == "xgboost":
+            from ray.train.xgboost import RayTrainReportCallback
+            from ray.train.xgboost import XGBoostTrainer as Trainer
+
+            params, fn = {**XGB_PARAMS, "nthread": 1}, ray_train_xgboost_fn
+        else:
+            from ray.train.lightgbm import LightGBMTrainer as Trainer
+            from ray.train.lightgbm import RayTrainReportCallback
+
+            params, fn = {**LGB_PARAMS, "num_threads": 1}, ray_train_lightgbm_fn
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"Ray Train not importable ({exc})"}
+    common.release_neve_workers()
+    storage = common.DATA_DIR / "ray_results"
+    name = f"{framework}-{uuid.uuid4().hex[:8]}"
+    pid_dir = tempfile.mkdtemp(prefix="neve-bench-pids-")
+    log_path = common.DATA_DIR / "logs" / f"ray_train_{framework}.log"
+    common.log(f"Ray Train {framework}: fit ... (its log lines go to {common.rel(log_path)})")
+    try:
+        with common.output_to(log_path), common.MemorySampler(pid_dir=pid_dir) as sampler:
+            t0 = time.perf_counter()
+            session = duckdb.connect(database, read_only=True)
+            try:
+                table = session.table("train").to_arrow_table()
+            finally:
+                session.close()
+            trainer = Trainer(
+                fn,
+                train_loop_config={"params": params, "rounds": args.rounds,
+                                   "label": common.LABEL, "pid_dir": pid_dir},
+                datasets={"train": ray.data.from_arrow(table)},
+                scaling_config=ScalingConfig(num_workers=WORKERS,
+                                             resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name=name, storage_path=str(storage),
+                                     logging_config=LoggingConfig(log_level="WARNING")),
+            )
+            del table
+            result = trainer.fit()
+            booster = RayTrainReportCallback.get_model(result.checkpoint)
+            seconds = time.perf_counter() - t0
+            common.wait_cpus_free()  # its helper actors keep talking for a moment
+            time.sleep(2.0)
+    except Exception as exc:  # report and go on with the other measurements
+        common.log(f"Ray Train {framework}: failed: {type(exc).__name__}: {exc}")
+        return {"status": "failed", "reason": common.one_line(exc)}
+    finally:
+        shutil.rmtree(pid_dir, ignore_errors=True)
+        shutil.rmtree(storage / name, ignore_errors=True)
+    out = {"status": "ok", "fit_s": seconds,
+           "rmse": rmse(predict(framework, booster, test[0]), test[1]),
+           "memory": sampler.summary()}
+    common.log(f"Ray Train {framework}: {seconds:.2f} s, RMSE {out['rmse']:.4f}, peak private "
+               f"{common.fmt_mb(out['memory']['peak_private'])} MiB/worker")
+    return out
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    parser = common.base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="training rows")
+    parser.add_argument("--rounds", type=int, default=100, help="boosting rounds")
+    parser.add_argument("--frameworks", default="xgboost,lightgbm",
+                        help="comma-separated: xgboost, lightgbm")
+    parser.add_argument("--no-ray-train", action="store_true",
+                        help="leave Ray Train's trainers out")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = set(frameworks) - {"xgboost", "lightgbm"}
+    if unknown:
+        raise SystemExit(f"--frameworks: unknown {sorted(unknown)}; use xgboost, lightgbm")
+    common.log(f"GBDT benchmark: {args.rows:,} rows x {common.NUM_FEATURES} float32, "
+               f"{args.rounds} rounds, {', '.join(frameworks)}")
+    import duckdb
+
+    for framework in frameworks:  # imported before any timing (native pays no import)
+        __import__(framework)
+    database = str(common.duckdb_file(args.rows))
+    session = duckdb.connect(database, read_only=True)
+    test = read_xy(session, "test")
+    ray_start_s = common.start_ray()
+
+    results: dict[str, Any] = {"ray_start_s": ray_start_s}
+    for framework in frameworks:
+        common.log(f"native {framework} (nthread=2) ...")
+        native_fit = native(framework, args, session, test)
+        common.log(f"native {framework}: {native_fit['fit_s']:.2f} s (read "
+                   f"{native_fit['read_s']:.2f} + matrix {native_fit['matrix_s']:.2f} + train "
+                   f"{native_fit['train_s']:.2f}), RMSE {native_fit['rmse']:.4f}, memory "
+                   f"+{common.fmt_mb(native_fit['memory_growth'])} MiB")
+        try:
+            neve = run_neve(framework, args, database, test)
+        except Exception as exc:  # report it in the table and go on
+            common.log(f"neve {framework}: failed: {type(exc).__name__}: {exc}")
+            common.release_neve_workers()
+            neve = {"status": "failed", "reason": common.one_line(exc)}
+        ray_train = (run_ray_train(framework, args, database, test) if not args.no_ray_train
+                     else {"status": "skipped", "reason": "--no-ray-train"})
+        results[framework] = {"native": native_fit, "neve": neve, "ray_train": ray_train}
+    session.close()
+
+    report = build_report(args, frameworks, results)
+    report.print()
+    report.write_json(args.json)
+    return 0
+
+
+def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> common.Report:
+    report = common.Report("gbdt", "XGBoost and LightGBM from a DuckDB file",
+                           {"rows": args.rows, "features": common.NUM_FEATURES,
+                            "rounds": args.rounds, "workers": f"{WORKERS} x 1 CPU",
+                            "ray_cpus": os.environ.get("NEVE_LOCAL_NUM_CPUS")})
+    shard_bytes = args.rows / WORKERS * common.ROW_BYTES
+    rows = []
+    names = {"xgboost": ("xgboost.train", "XGBEstimator", "XGBoostTrainer"),
+             "lightgbm": ("lightgbm.train", "LightGBMEstimator", "LightGBMTrainer")}
+    for framework in frameworks:
+        r = results[framework]
+        native, neve, ray_train = r["native"], r["neve"], r["ray_train"]
+        base = native["fit_s"]
+        native_name, neve_name, ray_name = names[framework]
+
+        def mem(m: dict[str, Any] | None) -> list[str]:
+            if not m or m.get("peak_rss") is None:
+                return ["-", "-"]
+            return [common.fmt_mb(m["peak_rss"]), common.fmt_mb(m["peak_private"])]
+
+        rows.append([f"{native_name} native (nthread=2)", common.fmt_s(base), "1.00x",
+                     f"{native['rmse']:.4f}", "-",
+                     f"+{common.fmt_mb(native['memory_growth'])}",
+                     common.fmt_x(native["memory_ratio"])])
+        for key, what in (("first", "first fit"), ("warm", "warm fit")):
+            if neve["status"] != "ok":
+                rows.append([f"neve {neve_name} 2x1, {what}", "-", "-", "-", "-", "-",
+                             f"failed: {neve['reason']}"])
+                continue
+            fit = neve[key]
+            rows.append([f"neve {neve_name} 2x1, {what}", common.fmt_s(fit["fit_s"]),
+                         common.fmt_x(common.ratio(fit["fit_s"], base)), f"{fit['rmse']:.4f}",
+                         *mem(fit["memory"]),
+                         common.fmt_x(neve["memory_ratio"]) if key == "first" else "-"])
+        if ray_train.get("status") == "ok":
+            rows.append([f"Ray Train {ray_name} 2x1", common.fmt_s(ray_train["fit_s"]),
+                         common.fmt_x(common.ratio(ray_train["fit_s"], base)),
+                         f"{ray_train['rmse']:.4f}", *mem(ray_train["memory"]), "-"])
+        else:
+            rows.append([f"Ray Train {ray_name} 2x1", "-", "-", "-", "-", "-",
+                         f"{ray_train['status']}: {ray_train['reason']}"])
+        if neve["status"] != "ok":
+            continue
+        for key, what in (("first", "first fit"), ("warm", "warm fit")):
+            reached = common.ratio(neve[key]["fit_s"], base)
+            report.target(f"neve {framework} {what} vs native", "<= 1.10x", reached,
+                          None if reached is None else reached <= 1.10)
+        report.target(f"neve {framework} worker memory / shard float32 bytes", "<= 0.60x",
+                      neve["memory_ratio"],
+                      None if neve["memory_ratio"] is None else neve["memory_ratio"] <= 0.6)
+    report.table(
+        "Fit time (DuckDB table -> Booster in the driver), quality, worker memory",
+        ["contender", "fit s", "vs native", "test RMSE", "peak RSS MiB", "peak private MiB",
+         "mem / shard"],
+        rows,
+        notes=[
+            f"Ray started before the fits ({results['ray_start_s']:.1f} s, not counted); "
+            "native reads the table into NumPy inside its time",
+            "peak MiB: the largest worker; private = RSS less shared pages (Ray's object "
+            "store is shared memory)",
+            f"mem / shard = (peak private - peak private of a fresh worker fitting {TINY_ROWS} "
+            f"rows) / shard float32 bytes ({shard_bytes / 2**20:.0f} MiB: "
+            f"{args.rows // WORKERS:,} rows x 29 x 4 B)",
+            "native: +MiB = growth of the benchmark process's private memory during the fit "
+            "(its NumPy copy of the table included); mem / shard = that / float32 bytes of "
+            "all rows (its shard is the whole table)",
+            "Ray Train workers follow Ray's documented pattern: "
+            "get_dataset_shard().materialize().to_pandas(), then DMatrix / lightgbm.Dataset",
+        ],
+    )
+    report.results = results
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())
