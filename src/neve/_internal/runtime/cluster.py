@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -91,6 +92,7 @@ def ensure_ray(address: str | None = None) -> None:
         }
         try:
             if address:
+                _check_reachable(address)
                 logger.info("joining the Ray cluster at %s", address)
                 ray.init(address=address, **kwargs)  # type: ignore[arg-type]
             else:
@@ -99,9 +101,29 @@ def ensure_ray(address: str | None = None) -> None:
                 with _quiet_ray_start():
                     ray.init(address="local", num_cpus=num_cpus, **kwargs)  # type: ignore[arg-type]
                 _started_here = True
+        except ClusterError:
+            raise
         except Exception as exc:
             target = address or "a private local instance"
             raise ClusterError(f"could not start or join Ray ({target}): {exc}") from exc
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once if a Ray ``host:port`` does not answer.
+
+    Ray itself retries an unreachable address for minutes, logging every attempt.
+    """
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}. Check the "
+            "address (NEVE_RAY_ADDRESS or RAY_ADDRESS, or --address) and that the cluster's "
+            "head node is up; unset them to use a private local instance"
+        ) from None
 
 
 class _quiet_ray_start:
