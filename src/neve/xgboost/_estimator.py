@@ -58,4 +58,6 @@ class XGBEstimator(GBDTEstimator):
         matrix = xgb.DMatrix(features, feature_names=booster.feature_names,
                              feature_types=booster.feature_types,
                              enable_categorical=bool(self._spec and self._spec.categories))
-        return np.asarray(booster.predict(matrix))
+        # After early stopping, predict with the best rounds, as xgboost's own estimators do.
+        rounds = (0, self.best_iteration + 1) if self.best_iteration is not None else (0, 0)
+        return np.asarray(booster.predict(matrix, iteration_range=rounds))

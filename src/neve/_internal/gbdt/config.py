@@ -30,17 +30,30 @@ class GBDTScalingConfig:
         if self.use_gpu not in (None, True, False):
             raise ConfigError(f"`use_gpu` must be None (auto), True or False, got {self.use_gpu!r}")
 
-    def resolve(self, cluster: ClusterView) -> Layout:
-        """The concrete layout on this cluster."""
-        use_gpu = cluster.total_gpus > 0 if self.use_gpu is None else self.use_gpu
+    def resolve(self, cluster: ClusterView, *, gpu_unsupported: str | None = None) -> Layout:
+        """The concrete layout on this cluster.
+
+        ``gpu_unsupported`` says why the framework cannot train on GPUs here (a
+        build without CUDA, say): ``use_gpu=None`` then means CPUs.
+        """
+        if self.use_gpu is None:
+            use_gpu = cluster.total_gpus > 0 and gpu_unsupported is None
+        else:
+            use_gpu = self.use_gpu
         if use_gpu and cluster.total_gpus == 0:
             raise ResourcesUnavailableError(
                 f"use_gpu=True but the cluster has no GPUs ({cluster.describe()}); "
                 "set use_gpu=None or False to train on CPUs, or add GPU nodes"
             )
+        if use_gpu and gpu_unsupported is not None:
+            raise ConfigError(
+                f"use_gpu=True but {gpu_unsupported}; set use_gpu=None or False to train on CPUs"
+            )
         nodes = [n for n in cluster.nodes if n.cpus >= 1 or n.gpus >= 1]
         if not nodes:
-            raise ResourcesUnavailableError(f"the cluster has no usable nodes: {cluster.describe()}")
+            raise ResourcesUnavailableError(
+                f"the cluster has no usable nodes: {cluster.describe()}"
+            )
         if use_gpu:
             workers = self.num_workers if self.num_workers != -1 else int(cluster.total_gpus)
             gpu_nodes = [n for n in nodes if n.gpus >= 1]

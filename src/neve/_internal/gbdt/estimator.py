@@ -96,7 +96,8 @@ class GBDTEstimator:
         scaling = self.scaling_config if self.scaling_config is not None else self._scaling_type()
         if not isinstance(scaling, GBDTScalingConfig):
             raise ConfigError(
-                f"scaling_config must be a {self._scaling_type.__name__}, got {type(scaling).__name__}"
+                f"scaling_config must be a {self._scaling_type.__name__}, "
+                f"got {type(scaling).__name__}"
             )
         if early_stopping_rounds is not None and (
             isinstance(early_stopping_rounds, bool)
@@ -104,7 +105,8 @@ class GBDTEstimator:
             or early_stopping_rounds < 1
         ):
             raise ConfigError(
-                f"early_stopping_rounds must be None or an integer >= 1, got {early_stopping_rounds!r}"
+                "early_stopping_rounds must be None or an integer >= 1, "
+                f"got {early_stopping_rounds!r}"
             )
         params, rounds = self._train_params()
         result = runner.fit(
@@ -161,6 +163,7 @@ class GBDTEstimator:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(n_estimators={self.n_estimators!r}, objective={self.objective!r},"
-            f" params={self.params!r}, scaling_config={self.scaling_config!r})"
+            f"{type(self).__name__}(n_estimators={self.n_estimators!r}, "
+            f"objective={self.objective!r}, params={self.params!r}, "
+            f"scaling_config={self.scaling_config!r})"
         )

@@ -6,6 +6,7 @@ a split eval set makes early stopping disagree and hang: microsoft/LightGBM#6351
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -140,11 +141,32 @@ def _join_network(collective: Mapping[str, Any], rank: int, world_size: int) -> 
         )
 
 
+@functools.cache
+def _cuda_missing() -> str | None:
+    """Why this LightGBM cannot train with ``device_type="cuda"`` (``None``: it can).
+
+    LightGBM has no build flags to ask, so a Booster on ten rows tries the CUDA
+    tree learner; PyPI's wheels answer at once that it is not in the build.
+    """
+    rows = lgb.Dataset(np.arange(20.0).reshape(10, 2), label=np.arange(10.0),
+                       params={"verbosity": -1})
+    try:
+        with quiet_native_output():
+            lgb.Booster(params={"device_type": "cuda", "verbosity": -1}, train_set=rows)
+    except lgb.basic.LightGBMError as exc:
+        if "not enabled in this build" in str(exc):
+            return ("this lightgbm is built without CUDA (PyPI's wheels are): build it with "
+                    "-DUSE_CUDA=1 for GPU training")
+    return None
+
+
 class LightGBMBackend(Backend):
     name = "lightgbm"
     eval_whole_on_every_worker = True
 
-    def start_collective(self, workers: group.WorkerGroup) -> tuple[dict[str, Any], Callable[[], None]]:
+    def start_collective(
+        self, workers: group.WorkerGroup
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
         if workers.num_workers == 1:
             return {}, lambda: None
         # Each worker holds its port bound until LightGBM binds it (see _join_network).
@@ -158,6 +180,9 @@ class LightGBMBackend(Backend):
     def retryable(self, error: BaseException) -> bool:
         text = str(error).lower()
         return "bind" in text and "port" in text
+
+    def gpu_unsupported(self) -> str | None:
+        return _cuda_missing()
 
     def train(self, task: TrainTask, ctx: WorkerContext) -> TrainResult | None:
         lgb.register_logger(_Log())

@@ -71,7 +71,9 @@ class TrainResult:
     spec: FeatureSpec | None = None
 
 
-def plain_floats(evals: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, dict[str, list[float]]]:
+def plain_floats(
+    evals: Mapping[str, Mapping[str, Sequence[Any]]],
+) -> dict[str, dict[str, list[float]]]:
     """An evaluation history with plain Python floats."""
     return {d: {m: [float(v) for v in values] for m, values in log.items()}
             for d, log in evals.items()}
@@ -85,12 +87,18 @@ class Backend(ABC):
     eval_whole_on_every_worker: bool = False
 
     @abstractmethod
-    def start_collective(self, workers: group.WorkerGroup) -> tuple[dict[str, Any], Callable[[], None]]:
+    def start_collective(
+        self, workers: group.WorkerGroup
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
         """Set up the collective; return what workers need and a closer."""
 
     @abstractmethod
     def train(self, task: TrainTask, ctx: WorkerContext) -> TrainResult | None:
         """Run on each worker: build the matrix, join the collective, train."""
+
+    def gpu_unsupported(self) -> str | None:
+        """Why this framework cannot train on GPUs here (``None``: it can)."""
+        return None
 
     def retryable(self, error: BaseException) -> bool:
         """Whether a failed attempt may be retried as a whole (e.g. a port race)."""
@@ -155,7 +163,11 @@ def fit(
                    f"eval set ({evaluation._source.description})")
 
     cluster.ensure_ray()
-    layout = scaling.resolve(cluster.view())
+    view = cluster.view()
+    gpu_unsupported = (  # asked only where GPUs could be used: LightGBM's check runs a probe
+        backend.gpu_unsupported() if view.total_gpus and scaling.use_gpu is not False else None
+    )
+    layout = scaling.resolve(view, gpu_unsupported=gpu_unsupported)
     train_plan = train._plan_for_workers(spec.columns)
     if train_plan.num_rows == 0:
         raise EmptyDatasetError(
@@ -266,7 +278,11 @@ class _Resume:
 def _run_once(backend: Backend, task: TrainTask, layout: Layout, progress: Progress,
               resume: _Resume) -> TrainResult:
     workers = group.acquire(layout)
-    collective, close = backend.start_collective(workers)
+    try:
+        collective, close = backend.start_collective(workers)
+    except BaseException:  # a group that never ran must not keep its CPUs
+        workers.shutdown()
+        raise
     task = replace(task, collective=collective)
 
     def on_events(events: list[Any]) -> None:

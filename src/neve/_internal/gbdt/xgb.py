@@ -3,6 +3,7 @@ a QuantileDMatrix streamed from the shard's Arrow batches, the unchanged ``xgb.t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,7 +90,9 @@ class _Report(xgb.callback.TrainingCallback):
 class XGBoostBackend(Backend):
     name = "xgboost"
 
-    def start_collective(self, workers: group.WorkerGroup) -> tuple[dict[str, Any], Callable[[], None]]:
+    def start_collective(
+        self, workers: group.WorkerGroup
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
         import ray
         from xgboost.tracker import RabitTracker
 
@@ -102,12 +105,16 @@ class XGBoostBackend(Backend):
         args["dmlc_timeout"] = int(settings.COLLECTIVE_TIMEOUT_S.get())
 
         def close() -> None:
-            try:
+            with contextlib.suppress(Exception):  # the tracker may already be done
                 tracker.free()
-            except Exception:  # the tracker may already be done
-                pass
 
         return args, close
+
+    def gpu_unsupported(self) -> str | None:
+        if xgb.build_info().get("USE_CUDA"):
+            return None
+        return ("this xgboost is built without CUDA (the xgboost-cpu package): "
+                "pip install xgboost for GPU training")
 
     def train(self, task: TrainTask, ctx: WorkerContext) -> TrainResult | None:
         params = dict(task.params)
@@ -118,34 +125,35 @@ class XGBoostBackend(Backend):
         communicator = xgb.collective.CommunicatorContext(**args)
         with quiet_native_output():  # its "Task N got rank N" banner
             communicator.__enter__()
-        try:
-            train_source = task.train_source(ctx)
-            dtrain = quantile_matrix(train_source, task.spec, train_source.description, params,
-                                     task.threads)
-            evals = [(dtrain, "train")]
-            eval_source = task.eval_source(ctx)
-            if eval_source is not None:
-                deval = quantile_matrix(eval_source, task.spec, eval_source.description, params,
-                                        task.threads, ref=dtrain)
-                evals.append((deval, "eval"))
-            evals_result: dict[str, Any] = {}
-            callbacks = list(task.callbacks)
-            if ctx.rank == 0:
-                callbacks.append(_Report(task.round_offset, task.checkpoint_every))
-            init = xgb.Booster(model_file=bytearray(task.init_model)) if task.init_model else None
-            booster = xgb.train(
-                params,
-                dtrain,
-                num_boost_round=task.num_boost_round,
-                evals=evals,
-                evals_result=evals_result,
-                early_stopping_rounds=task.early_stopping_rounds,
-                verbose_eval=False,
-                callbacks=callbacks,
-                xgb_model=init,
-            )
-        finally:
-            communicator.__exit__(None, None, None)
+        # No try/finally: a worker that fails leaves its communicator open. Finalizing it
+        # would fail the peers' pending collectives, and their errors could reach the
+        # driver before this one, the cause. The driver stops every worker of a failed run.
+        train_source = task.train_source(ctx)
+        dtrain = quantile_matrix(train_source, task.spec, train_source.description, params,
+                                 task.threads)
+        evals = [(dtrain, "train")]
+        eval_source = task.eval_source(ctx)
+        if eval_source is not None:
+            deval = quantile_matrix(eval_source, task.spec, eval_source.description, params,
+                                    task.threads, ref=dtrain)
+            evals.append((deval, "eval"))
+        evals_result: dict[str, Any] = {}
+        callbacks = list(task.callbacks)
+        if ctx.rank == 0:
+            callbacks.append(_Report(task.round_offset, task.checkpoint_every))
+        init = xgb.Booster(model_file=bytearray(task.init_model)) if task.init_model else None
+        booster = xgb.train(
+            params,
+            dtrain,
+            num_boost_round=task.num_boost_round,
+            evals=evals,
+            evals_result=evals_result,
+            early_stopping_rounds=task.early_stopping_rounds,
+            verbose_eval=False,
+            callbacks=callbacks,
+            xgb_model=init,
+        )
+        communicator.__exit__(None, None, None)
         if ctx.rank != 0:
             return None
         best = getattr(booster, "best_iteration", None) if task.early_stopping_rounds else None

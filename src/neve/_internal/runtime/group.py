@@ -214,9 +214,11 @@ class WorkerGroup:
                 if events is not None:
                     events.pump()
         except BaseException:
-            if events is not None:  # what rank 0 reported last (a checkpoint, say) counts
-                events.flush(timeout_s=2.0)
-            self.shutdown()
+            try:
+                if events is not None:  # what rank 0 reported last (a checkpoint, say) counts
+                    events.flush(timeout_s=2.0)
+            finally:  # a second Ctrl-C, or a sink that raises, must not skip the shutdown
+                self.shutdown()
             raise
         if events is not None:
             events.flush(timeout_s=5.0)

@@ -1,0 +1,86 @@
+"""Warm workers: the next fit of the same shape reuses the processes of the last one."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from conftest import RAY_CPUS, make_frame
+from neve._internal.runtime import group
+from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(120)]
+
+INPUTS = ["f0", "f1", "f2", "f3"]
+
+
+@pytest.fixture
+def groups(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The worker group each fit ran on, in order."""
+    taken: list[Any] = []
+    real = group.acquire
+
+    def acquire(layout: Any) -> Any:
+        taken.append(real(layout))
+        return taken[-1]
+
+    monkeypatch.setattr(group, "acquire", acquire)
+    return taken
+
+
+def free_cpus() -> float:
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
+def test_a_second_fit_reuses_the_warm_workers_and_is_faster(groups: list[Any]) -> None:
+    group.shutdown_idle()  # the first fit below starts its workers from scratch
+    frame = make_frame(5_000, seed=1)
+    scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+
+    timings = []
+    for _ in range(2):
+        start = time.monotonic()
+        XGBEstimator(n_estimators=10, scaling_config=scaling).fit(frame, INPUTS, "y")
+        timings.append(time.monotonic() - start)
+    cold, warm = timings
+    print(f"first fit {cold:.2f} s, warm fit {warm:.2f} s")
+
+    first, second = groups
+    assert second is first
+    assert [w.pid for w in second.workers] == [w.pid for w in first.workers]
+    assert warm < cold
+    # Between fits the group stays warm, holding its CPUs.
+    assert first.alive and free_cpus() == RAY_CPUS - 2
+
+    # LightGBM with the same shape runs on the same processes too.
+    LightGBMEstimator(
+        n_estimators=5, scaling_config=LightGBMScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    ).fit(frame, INPUTS, "y")
+    assert groups[2] is first
+    # (A fit of another shape replacing an idle group: test_runtime's pool tests.)
+
+
+@pytest.mark.usefixtures("reserved_cpus_after")
+def test_an_idle_pool_gives_its_resources_back_after_the_idle_timeout(
+    groups: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEVE_WORKER_IDLE_TIMEOUT_S", "1")
+    frame = make_frame(2_000, seed=2)
+    XGBEstimator(
+        n_estimators=3, scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    ).fit(frame, INPUTS, "y")
+    finished = time.monotonic()
+    (workers,) = groups  # warm from the test above when run after it; either way works
+    assert workers.alive and free_cpus() == RAY_CPUS - 2  # warm right after the fit
+
+    deadline = finished + 20
+    while free_cpus() < RAY_CPUS and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling Ray's resource view, not waiting for a fixed time
+    assert free_cpus() == RAY_CPUS, "the idle workers kept their CPUs"
+    assert time.monotonic() - finished >= 0.9  # not before NEVE_WORKER_IDLE_TIMEOUT_S
+    assert not workers.alive

@@ -1,0 +1,417 @@
+"""The runtime: a private local Ray, placement, the worker group and its warm pool.
+
+Functions sent to workers are built inside the tests (closures), so cloudpickle
+ships them by value: this module is not importable in a worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from conftest import RAY_CPUS, assert_no_reservations
+from neve._internal.context import WorkerContext
+from neve._internal.runtime import cluster, group
+from neve._internal.runtime.cluster import ClusterView, NodeView
+from neve._internal.runtime.placement import Layout
+from neve.exceptions import (
+    NullLabelError,
+    ResourcesUnavailableError,
+    WorkerError,
+    WorkerStartTimeoutError,
+)
+
+TWO = Layout(num_groups=2, workers_per_group=1, cpus_per_worker=1.0)
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def contexts(n: int) -> list[WorkerContext]:
+    return [WorkerContext(rank=r, world_size=n) for r in range(n)]
+
+
+def free_cpus() -> float:
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes (for Ray's async cleanup)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def fresh(reserved_cpus_after: None) -> Iterator[None]:
+    """No idle warm group left from an earlier test; nothing reserved after this one."""
+    group.shutdown_idle()
+    assert wait_until(lambda: free_cpus() == RAY_CPUS, 10)
+    yield
+
+
+# -- layouts (no Ray) ----------------------------------------------------------------------
+
+
+def view(*nodes: tuple[float, float]) -> ClusterView:
+    return ClusterView("test", tuple(
+        NodeView(f"n{i}", f"10.0.0.{i}", cpus, gpus, i == 0) for i, (cpus, gpus) in enumerate(nodes)
+    ))
+
+
+def test_layout_bundles_and_strategy() -> None:
+    spread = Layout(num_groups=3, workers_per_group=1, cpus_per_worker=2.0)
+    assert spread.bundles() == [{"CPU": 2.0}] * 3
+    assert spread.strategy == "SPREAD"
+    assert spread.describe() == "3 workers x (2 CPU)"
+    per_node = Layout(num_groups=2, workers_per_group=2, cpus_per_worker=1.0,
+                      gpus_per_worker=1.0, distinct_nodes=True)
+    assert per_node.bundles() == [{"CPU": 2.0, "GPU": 2.0}] * 2
+    assert per_node.strategy == "STRICT_SPREAD"
+    assert [per_node.bundle_of(w) for w in range(4)] == [0, 0, 1, 1]
+    assert "on 2 distinct nodes (2 per node)" in per_node.describe()
+    # A worker that asks for nothing still gets a (tiny) slot: Ray rejects empty bundles.
+    assert Layout(num_groups=1, workers_per_group=1, cpus_per_worker=0).bundles() == [
+        {"CPU": 0.001}
+    ]
+
+
+def test_infeasible_layouts_say_what_was_asked_and_what_there_is() -> None:
+    two_small = view((2, 0), (2, 0))
+    Layout(num_groups=2, workers_per_group=1, cpus_per_worker=2,
+           distinct_nodes=True).check_feasible(two_small)
+    with pytest.raises(ResourcesUnavailableError) as info:
+        Layout(num_groups=3, workers_per_group=1, cpus_per_worker=2,
+               distinct_nodes=True).check_feasible(two_small)
+    message = str(info.value)
+    assert "6 CPUs needed, the cluster has 4" in message
+    assert "3 distinct nodes" in message and "2 node(s) have it" in message
+    assert "2 nodes (10.0.0.0: 2 CPUs, 10.0.0.1: 2 CPUs)" in message
+    with pytest.raises(ResourcesUnavailableError, match="one worker asks for 3 CPUs, the "
+                       "biggest node has 2"):
+        Layout(num_groups=1, workers_per_group=1, cpus_per_worker=3).check_feasible(two_small)
+    with pytest.raises(ResourcesUnavailableError, match="the cluster has no GPUs"):
+        Layout(num_groups=1, workers_per_group=1, cpus_per_worker=1,
+               gpus_per_worker=1).check_feasible(two_small)
+    with pytest.raises(ResourcesUnavailableError, match="3 GPUs needed, the cluster has 2"):
+        Layout(num_groups=3, workers_per_group=1, cpus_per_worker=1,
+               gpus_per_worker=1).check_feasible(view((8, 2)))
+
+
+def test_worker_error_survives_pickling_with_its_rank() -> None:
+    error = pickle.loads(pickle.dumps(WorkerError("worker rank 3 failed", rank=3)))
+    assert isinstance(error, WorkerError)
+    assert error.rank == 3 and str(error) == "worker rank 3 failed"
+
+
+# -- the local cluster ------------------------------------------------------------------------
+
+
+def test_a_private_local_ray_on_loopback(ray_session: None) -> None:
+    import psutil
+    import ray
+
+    assert cluster.started_here()
+    cluster.ensure_ray()  # a second call changes nothing
+    found = cluster.view()
+    assert len(found.nodes) == 1
+    node = found.nodes[0]
+    assert node.cpus == RAY_CPUS and node.gpus == 0 and node.is_head
+    assert node.address == "127.0.0.1"
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    # Every Ray server this session started listens on loopback only.
+    listening = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening[f"{process.name()}:{conn.laddr.port}"] = conn.laddr.ip
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
+    assert any("raylet" in name for name in listening), listening
+    assert set(listening.values()) <= LOOPBACK, listening
+
+
+# -- the worker group -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_group_runs_a_function_on_every_rank_in_order(fresh: None) -> None:
+    import ray
+
+    def who(ctx: WorkerContext) -> dict[str, Any]:
+        import ray
+
+        from neve._internal.context import current
+
+        assert current() is ctx  # the context is active while the function runs
+        return {"rank": ctx.rank, "world": ctx.world_size, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
+
+    workers = group.WorkerGroup(TWO)
+    try:
+        assert free_cpus() == RAY_CPUS - 2  # one CPU each, reserved by the placement group
+        results = workers.run(who, contexts(2))
+        assert [r["rank"] for r in results] == [0, 1]
+        assert {r["world"] for r in results} == {2}
+        assert [r["pid"] for r in results] == [w.pid for w in workers.workers]
+        assert len({r["pid"] for r in results}) == 2 and os.getpid() not in {
+            r["pid"] for r in results
+        }
+        node = ray.get_runtime_context().get_node_id()
+        assert [w.node_id for w in workers.workers] == [node, node]
+        assert [(w.local_rank, w.local_world_size, w.node_rank) for w in workers.workers] == [
+            (0, 2, 0), (1, 2, 0)
+        ]
+        # The same processes run the next function.
+        assert [r["pid"] for r in workers.run(who, contexts(2))] == [r["pid"] for r in results]
+    finally:
+        workers.shutdown()
+    assert not workers.alive
+    assert_no_reservations()
+
+
+@pytest.mark.timeout(60)
+def test_progress_events_reach_the_driver_in_order(fresh: None) -> None:
+    def chatty(ctx: WorkerContext) -> int:
+        from neve._internal.runtime import worker
+
+        if ctx.rank == 0:
+            for i in range(300):
+                worker.report({"iteration": i})
+                if i in (99, 199):  # wait (bounded) until the driver has polled these
+                    deadline = time.monotonic() + 20
+                    while worker._events and time.monotonic() < deadline:
+                        time.sleep(0.01)
+        return ctx.rank
+
+    received: list[int] = []
+    batches: list[int] = []
+
+    def on_events(events: list[Any]) -> None:
+        batches.append(len(events))
+        received.extend(e["iteration"] for e in events)
+
+    workers = group.WorkerGroup(TWO)
+    try:
+        assert workers.run(chatty, contexts(2), on_events=on_events, poll_s=0.05) == [0, 1]
+    finally:
+        workers.shutdown()
+    assert received == list(range(300))  # all of them, once, in order
+    assert len(batches) >= 3  # delivered while running, not only at the end
+
+
+@pytest.mark.timeout(60)
+def test_a_raising_worker_stops_the_group_and_names_its_rank(fresh: None) -> None:
+    def fail_on_one(ctx: WorkerContext) -> None:
+        import threading
+
+        if ctx.rank == 1:
+            raise ValueError("rank one cannot go on")
+        threading.Event().wait(120)  # rank 0 blocks, as in a collective waiting for a peer
+
+    workers = group.WorkerGroup(TWO)
+    pids = [w.pid for w in workers.workers]
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        workers.run(fail_on_one, contexts(2))
+    assert time.monotonic() - start < 20  # the blocked rank 0 was not waited for
+    error = info.value
+    assert error.rank == 1
+    message = str(error)
+    assert message.startswith(f"worker rank 1 (node 127.0.0.1, pid {pids[1]}) failed: ValueError: "
+                              "rank one cannot go on")
+    assert "Remote traceback" in message and "fail_on_one" in message
+    assert "\x1b[" not in message  # no terminal colours in the message
+    assert not workers.alive
+    assert wait_until(lambda: not any(psutil_alive(p) for p in pids), 15), "workers still alive"
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.timeout(60)
+def test_data_errors_from_a_worker_keep_their_type(fresh: None) -> None:
+    def bad_label(ctx: WorkerContext) -> None:
+        from neve.exceptions import NullLabelError
+
+        raise NullLabelError("label column 'y' holds 3 NULL value(s)")
+
+    workers = group.WorkerGroup(Layout(num_groups=1, workers_per_group=1, cpus_per_worker=1))
+    with pytest.raises(NullLabelError, match=r"^worker rank 0 \(node .*\): label column 'y'"):
+        workers.run(bad_label, contexts(1))
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_worker_fails_the_run_naming_its_rank(fresh: None) -> None:
+    def die_on_one(ctx: WorkerContext) -> None:
+        import threading
+
+        if ctx.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Event().wait(120)
+
+    workers = group.WorkerGroup(TWO)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        workers.run(die_on_one, contexts(2))
+    assert time.monotonic() - start < 30
+    assert info.value.rank == 1
+    assert "worker rank 1" in str(info.value) and "died" in str(info.value)
+    assert "Every worker was stopped" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_placement_that_cannot_be_met_fails_in_bounded_time(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    monkeypatch.setenv("NEVE_PLACEMENT_TIMEOUT_S", "1")
+    held = placement_group([{"CPU": RAY_CPUS - 1}])  # someone else holds all CPUs but one
+    ray.get(held.ready(), timeout=10)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ResourcesUnavailableError) as info:
+            group.WorkerGroup(TWO)
+        assert time.monotonic() - start < 10
+        message = str(info.value)
+        assert "could not place 2 workers x (1 CPU) within 1 s" in message
+        assert "NEVE_PLACEMENT_TIMEOUT_S=1" in message
+        assert f"It has 1 node (127.0.0.1: {RAY_CPUS} CPUs); free now: 1 CPUs" in message
+        # The same through an estimator: asked 2 workers, the cluster has 1 CPU free.
+        from conftest import make_frame
+
+        with pytest.raises(ResourcesUnavailableError, match="could not place 2 workers"):
+            XGBEstimator(scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+                         ).fit(make_frame(100), ["f0"], "y")
+        assert free_cpus() == 1  # the failed attempts left nothing reserved
+    finally:
+        remove_placement_group(held)
+
+
+@pytest.mark.timeout(60)
+def test_workers_that_do_not_start_in_time(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEVE_WORKER_START_TIMEOUT_S", "0.001")
+    with pytest.raises(WorkerStartTimeoutError) as info:
+        group.WorkerGroup(TWO)
+    message = str(info.value)
+    assert "did not start within 0.001 s (NEVE_WORKER_START_TIMEOUT_S=0.001)" in message
+    assert "Likely causes" in message
+
+
+# -- the warm pool ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_the_pool_reuses_an_idle_group_of_the_same_layout(fresh: None) -> None:
+    first = group.acquire(TWO)
+    pids = [w.pid for w in first.workers]
+    group.release(first)
+    assert free_cpus() == RAY_CPUS - 2  # warm: still holding its CPUs
+    again = group.acquire(TWO)
+    assert again is first and [w.pid for w in again.workers] == pids
+    group.release(again)
+
+    # Another layout: the idle group gives its CPUs back first (it would block placement).
+    one = Layout(num_groups=1, workers_per_group=1, cpus_per_worker=RAY_CPUS)
+    big = group.acquire(one)
+    try:
+        assert not first.alive
+        assert big.workers[0].pid not in pids
+    finally:
+        big.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_idle_group_is_replaced(fresh: None) -> None:
+    first = group.acquire(TWO)
+    pids = [w.pid for w in first.workers]
+    group.release(first)
+    os.kill(pids[1], signal.SIGKILL)  # a warm worker dies while idle
+    assert wait_until(lambda: not psutil_alive(pids[1]), 10)
+    second = group.acquire(TWO)
+    try:
+        assert second is not first and not first.alive
+        assert not set(pids) & {w.pid for w in second.workers}
+        assert second.run(lambda ctx: ctx.rank, contexts(2)) == [0, 1]
+    finally:
+        second.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_group_gives_its_cpus_back_after_the_idle_timeout(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEVE_WORKER_IDLE_TIMEOUT_S", "1")
+    workers = group.acquire(TWO)
+    group.release(workers)
+    released_at = time.monotonic()
+    assert workers.alive and free_cpus() == RAY_CPUS - 2
+    assert wait_until(lambda: free_cpus() == RAY_CPUS, 20), "the idle group kept its CPUs"
+    assert time.monotonic() - released_at >= 0.9  # not before the timeout
+    assert not workers.alive
+
+
+@pytest.mark.timeout(60)
+def test_idle_timeout_zero_means_no_pool(fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEVE_WORKER_IDLE_TIMEOUT_S", "0")
+    workers = group.acquire(TWO)
+    group.release(workers)
+    assert not workers.alive
+    assert wait_until(lambda: free_cpus() == RAY_CPUS, 10)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_placing_leaves_nothing_reserved(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(self: Any, view: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(group.WorkerGroup, "_await_placement", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        group.WorkerGroup(TWO)
+    assert_no_reservations()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_during_a_run_stops_every_worker(fresh: None) -> None:
+    def busy(ctx: WorkerContext) -> None:
+        import threading
+
+        from neve._internal.runtime.worker import report
+
+        report({"iteration": 0})
+        threading.Event().wait(120)
+
+    def interrupt(events: list[Any]) -> None:
+        raise KeyboardInterrupt  # what Ctrl-C does to the driver while it polls
+
+    workers = group.WorkerGroup(TWO)
+    pids = [w.pid for w in workers.workers]
+    with pytest.raises(KeyboardInterrupt):
+        workers.run(busy, contexts(2), on_events=interrupt, poll_s=0.05)
+    assert not workers.alive
+    assert wait_until(lambda: not any(psutil_alive(p) for p in pids), 15), "workers still alive"
+    assert_no_reservations()
