@@ -24,16 +24,18 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _started_here = False
 
-# Set before Ray is imported by neve's own local start; harmless when joining a cluster.
-_LOCAL_ENV = {
-    # Ray's cluster mode off: every Ray server binds 127.0.0.1 (checked with Ray 2.60).
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+# Set before Ray's first import (it reads some of these only then).
+_QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_COLOR_PREFIX": "0",
     # Ray Data / Train progress output is not ours to print.
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DEDUP_LOGS": "0",
 }
+# Only for a private local instance: Ray's cluster mode off makes every Ray server
+# bind 127.0.0.1 (checked with Ray 2.60). A driver that joins a real cluster must not
+# have it, or it would announce itself at 127.0.0.1 to the other nodes.
+_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,13 @@ def ensure_ray(address: str | None = None) -> None:
     """Make sure this process is connected to a Ray cluster (see the module doc)."""
     global _started_here
     with _lock:
-        # Before Ray's first import: it reads some of these only then.
-        for key, value in _LOCAL_ENV.items():
+        address = address or settings.ray_address()
+        for key, value in {**_QUIET_ENV, **({} if address else _LOOPBACK_ENV)}.items():
             os.environ.setdefault(key, value)
         import ray
 
         if ray.is_initialized():
             return
-        address = address or settings.ray_address()
         kwargs: dict[str, object] = {
             "include_dashboard": False,
             "logging_level": logging.WARNING,
@@ -98,6 +99,10 @@ def ensure_ray(address: str | None = None) -> None:
             else:
                 num_cpus = settings.local_num_cpus()
                 logger.info("starting a private local Ray instance")
+                # Also where Ray was imported before neve set the variable above.
+                from ray._private import ray_constants
+
+                ray_constants.ENABLE_RAY_CLUSTER = False
                 with _quiet_ray_start():
                     ray.init(address="local", num_cpus=num_cpus, **kwargs)  # type: ignore[arg-type]
                 _started_here = True
