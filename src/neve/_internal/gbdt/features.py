@@ -17,11 +17,12 @@ import pyarrow.compute as pc
 
 from neve._internal.data.convert import is_categorical, is_numeric, numeric_array
 from neve._internal.data.errors import check_columns
-from neve._internal.data.materialize import rebatch
+from neve._internal.data.materialize import coalesce
 from neve._internal.data.sources import Source
 from neve.exceptions import ColumnTypeError, ConfigError, NullLabelError
 
 BATCH_ROWS = 262_144
+MIN_BATCH_ROWS = 32_768
 
 
 @dataclass(frozen=True)
@@ -158,8 +159,9 @@ def to_arrays(batch: pa.RecordBatch, spec: FeatureSpec, what: str) -> Arrays:
 
 
 def iter_arrays(source: Source, spec: FeatureSpec, what: str) -> Iterator[Arrays]:
-    """The source's rows as batches of arrays of at most ``BATCH_ROWS`` rows."""
-    for batch in rebatch(source.stream(spec.columns), BATCH_ROWS):
+    """The source's rows as batches of arrays (small source batches merged)."""
+    # Batches go as the source cut them: re-cutting to one size would copy every row.
+    for batch in coalesce(source.stream(spec.columns), MIN_BATCH_ROWS):
         yield to_arrays(batch, spec, what)
 
 
