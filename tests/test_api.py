@@ -54,7 +54,8 @@ def test_scaling_configs_are_frozen_and_validated_when_built() -> None:
     config = XGBScalingConfig(num_workers=2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.num_workers = 3  # type: ignore[misc]
-    with pytest.raises(exceptions.ConfigError, match=r"`num_workers` must be -1 \(auto\) or >= 1, got 0"):
+    expected = r"`num_workers` must be -1 \(auto\) or >= 1, got 0"
+    with pytest.raises(exceptions.ConfigError, match=expected):
         XGBScalingConfig(num_workers=0)
     with pytest.raises(exceptions.ConfigError, match="num_cpu_per_worker"):
         LightGBMScalingConfig(num_cpu_per_worker=-5)
@@ -64,7 +65,7 @@ def test_scaling_configs_are_frozen_and_validated_when_built() -> None:
 
 def test_settings_name_the_variable_and_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NEVE_PLACEMENT_TIMEOUT_S", "soon")
-    with pytest.raises(exceptions.ConfigError, match="NEVE_PLACEMENT_TIMEOUT_S.*'soon'"):
+    with pytest.raises(exceptions.ConfigError, match=r"NEVE_PLACEMENT_TIMEOUT_S.*'soon'"):
         settings.PLACEMENT_TIMEOUT_S.get()
     monkeypatch.setenv("NEVE_PLACEMENT_TIMEOUT_S", "2.5")
     assert settings.PLACEMENT_TIMEOUT_S.get() == 2.5

@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import assert_no_reservations, make_frame  # noqa: E402
-
 from neve.data import DataConnector, ShardedDataConnector  # noqa: E402
 from neve.exceptions import (  # noqa: E402
     ConfigError,
@@ -81,7 +80,9 @@ def test_seed_example_runs_as_written(warehouse: Path, tmp_path: Path) -> None:
         dataloader = DataLoader(torch_dataset)
         for epoch in range(2):
             for batch_dict in dataloader:
-                features = torch.cat([batch_dict[col].T for col in input_cols], dim=1).float().to(device)
+                features = torch.cat(
+                    [batch_dict[col].T for col in input_cols], dim=1
+                ).float().to(device)
                 labels = batch_dict[label_col].T.squeeze(0).float().to(device)
                 output = model(features)
                 loss = criterion(output, labels.unsqueeze(1))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_no_reservations, make_frame
 
+from conftest import assert_no_reservations, make_frame
 from neve.exceptions import WorkerError
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(180)]

@@ -65,7 +65,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(index + 1 - self._done)
             postfix = {
-                f"{d}-{n}": f"{v:.4g}" for d, vals in (metrics or {}).items() for n, v in vals.items()
+                f"{d}-{n}": f"{v:.4g}"
+                for d, vals in (metrics or {}).items()
+                for n, v in vals.items()
             }
             postfix.update({k: str(v) for k, v in (extra or {}).items()})
             if postfix:

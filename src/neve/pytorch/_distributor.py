@@ -67,7 +67,8 @@ class PyTorchDistributor:
             raise ConfigError(f"train_func must be a function, got {type(train_func).__name__}")
         if scaling_config is not None and not isinstance(scaling_config, PyTorchScalingConfig):
             raise ConfigError(
-                f"scaling_config must be a PyTorchScalingConfig, got {type(scaling_config).__name__}"
+                "scaling_config must be a PyTorchScalingConfig, "
+                f"got {type(scaling_config).__name__}"
             )
         self.train_func = train_func
         self.scaling_config = scaling_config

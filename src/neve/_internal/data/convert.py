@@ -59,7 +59,8 @@ def numeric_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         column = pc.cast(column, target)
     elif pat.is_temporal(dtype):
         storage = pa.int32() if pat.is_date32(dtype) or pat.is_time32(dtype) else pa.int64()
-        column = pc.cast(column.view(storage), pa.int64() if column.null_count == 0 else pa.float64())
+        target = pa.int64() if column.null_count == 0 else pa.float64()
+        column = pc.cast(column.view(storage), target)
     elif pat.is_null(dtype):
         return np.full(len(column), np.nan)
     if column.null_count:

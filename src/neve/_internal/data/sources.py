@@ -225,7 +225,8 @@ class ADBCSource(Source):
                 try:  # without running the query, where the driver can (PostgreSQL)
                     self._schema = cursor.adbc_execute_schema(self.query)
                 except Exception as exc:
-                    if "NOT_IMPLEMENTED" not in str(exc) and "NotSupported" not in type(exc).__name__:
+                    unsupported = "NotSupported" in type(exc).__name__
+                    if not unsupported and "NOT_IMPLEMENTED" not in str(exc):
                         raise
                     cursor.execute(self.query)
                     reader = cursor.fetch_record_batch()

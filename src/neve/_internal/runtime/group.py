@@ -12,6 +12,7 @@ start and imports; an idle pool gives its resources back after
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import re
@@ -279,16 +280,12 @@ class WorkerGroup:
 
         actors, self._actors = self._actors, []
         for actor in actors:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
         pg, self._pg = self._pg, None
         if pg is not None:
-            try:
+            with contextlib.suppress(Exception):  # already removed
                 remove_placement_group(pg)
-            except Exception:
-                pass
         _pool.forget(self)
 
 
