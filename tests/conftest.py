@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,3 +102,19 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     con.execute("CREATE TABLE EVAL_DATA AS SELECT * FROM evaluation")
     con.close()
     return path
+
+
+@pytest.fixture
+def groups(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The worker group each fit ran on, in order."""
+    taken: list[Any] = []
+    from neve._internal.runtime import group
+
+    real = group.acquire
+
+    def acquire(layout: Any) -> Any:
+        taken.append(real(layout))
+        return taken[-1]
+
+    monkeypatch.setattr(group, "acquire", acquire)
+    return taken

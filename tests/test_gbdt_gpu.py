@@ -35,7 +35,7 @@ def visible_gpus() -> int:
 
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
-def test_xgboost_fits_on_gpus(ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_xgboost_fits_on_gpus(ray_session: None, groups: list[Any]) -> None:
     if visible_gpus() == 0:
         pytest.skip("no NVIDIA GPU on this machine")
     import ray
@@ -49,19 +49,11 @@ def test_xgboost_fits_on_gpus(ray_session: None, monkeypatch: pytest.MonkeyPatch
     from neve._internal.runtime import group
     from neve.xgboost import XGBEstimator, XGBScalingConfig
 
-    taken: list[Any] = []
-    real = group.acquire
-
-    def acquire(layout: Any) -> Any:
-        taken.append(real(layout))
-        return taken[-1]
-
-    monkeypatch.setattr(group, "acquire", acquire)
     frame = make_frame(20_000, seed=4)
     estimator = XGBEstimator(n_estimators=20, params={"max_depth": 6},
                              scaling_config=XGBScalingConfig(num_workers=1, use_gpu=True))
     booster = estimator.fit(frame, INPUTS, "y", eval_set=frame)
-    (workers,) = taken
+    (workers,) = groups
     assert workers.layout.gpus_per_worker == 1
     assert workers.workers[0].gpu_ids  # Ray gave the worker a GPU
     config = json.loads(booster.save_config())

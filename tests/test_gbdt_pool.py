@@ -17,20 +17,6 @@ pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.timeout(120)]
 INPUTS = ["f0", "f1", "f2", "f3"]
 
 
-@pytest.fixture
-def groups(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The worker group each fit ran on, in order."""
-    taken: list[Any] = []
-    real = group.acquire
-
-    def acquire(layout: Any) -> Any:
-        taken.append(real(layout))
-        return taken[-1]
-
-    monkeypatch.setattr(group, "acquire", acquire)
-    return taken
-
-
 def free_cpus() -> float:
     import ray
 
