@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from neve._internal import settings
 from neve._internal.context import WorkerContext
@@ -29,51 +30,54 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 
 class ArrowRows(lgb.Sequence):
-    """A shard's features as a LightGBM ``Sequence``: read piece by piece, never whole.
+    """A shard's features as a LightGBM ``Sequence``: read batch by batch, never whole.
 
-    LightGBM samples rows by index to find its bins, then pushes the rows in
-    ranges; both walk the pieces in order, so one piece's float32 matrix is
-    cached at a time instead of the whole shard's.
+    LightGBM samples rows by sorted index to find its bins, then pushes the rows
+    in ranges, in order: both walks go forward through the shard, so one Arrow
+    batch's float32 matrix is kept at a time (a backward jump starts over).
     """
 
     batch_size = 65_536
 
     def __init__(self, source: PlanSource, spec: FeatureSpec) -> None:
-        self._pieces = source.pieces
+        self._source = source
         self._spec = spec
-        self._starts = np.cumsum([0] + [p.stop - p.start for p in self._pieces])
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._rows = source.num_rows
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._next_start = 0  # first row of the batch the iterator yields next
+        self._start = 0  # first row of the cached matrix
+        self._matrix = np.empty((0, len(spec.input_cols)), np.float32)
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._rows
 
-    def _piece(self, k: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != k:
-            self._cached = None  # let the previous matrix go before reading the next
-            parts = [feature_matrix(b, self._spec)
-                     for b in self._pieces[k].read(list(self._spec.input_cols))]
-            self._cached = (k, np.concatenate(parts) if len(parts) != 1 else parts[0])
-        return self._cached[1]
-
-    def _locate(self, row: int) -> int:
-        return int(np.searchsorted(self._starts, row, side="right")) - 1
+    def _holding(self, row: int) -> np.ndarray:
+        """The cached matrix, moved forward until it holds ``row``."""
+        if row < self._start or self._batches is None:
+            self._batches = self._source.stream(list(self._spec.input_cols))
+            self._next_start = 0
+            self._start, self._matrix = 0, self._matrix[:0]
+        while not self._start <= row < self._start + len(self._matrix):
+            batch = next(self._batches)
+            self._start, self._next_start = self._next_start, self._next_start + batch.num_rows
+            self._matrix = feature_matrix(batch, self._spec)
+        return self._matrix
 
     def __getitem__(self, idx: int | slice | list[int]) -> np.ndarray:
         if isinstance(idx, slice):
             start, stop, _ = idx.indices(len(self))
             out = []
             while start < stop:
-                k = self._locate(start)
-                end = min(stop, int(self._starts[k + 1]))
-                base = int(self._starts[k])
-                out.append(self._piece(k)[start - base:end - base])
+                matrix = self._holding(start)
+                end = min(stop, self._start + len(matrix))
+                out.append(matrix[start - self._start:end - self._start])
                 start = end
             width = len(self._spec.input_cols)
             return np.concatenate(out) if out else np.empty((0, width), np.float32)
         if isinstance(idx, list):
             return np.stack([self[i] for i in idx])
-        k = self._locate(int(idx))  # a sampled row: LightGBM wants float64 samples
-        return self._piece(k)[int(idx) - int(self._starts[k])].astype(np.float64)
+        row = int(idx)  # a sampled row: LightGBM wants float64 samples
+        return self._holding(row)[row - self._start].astype(np.float64)
 
 
 def dataset(source: PlanSource, spec: FeatureSpec, params: dict[str, Any],

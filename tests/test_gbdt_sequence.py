@@ -1,0 +1,45 @@
+"""LightGBM's Sequence over a shard: every row, any access pattern, one batch held."""
+
+from __future__ import annotations
+
+import lightgbm as lgb
+import numpy as np
+import pyarrow as pa
+
+from neve._internal.data.fragments import Plan, TableFragment
+from neve._internal.data.resolve import PlanSource
+from neve._internal.gbdt.features import FeatureSpec
+from neve._internal.gbdt.lgbm import ArrowRows, dataset
+
+ROWS = 10_007
+
+
+def _source() -> PlanSource:
+    table = pa.table({
+        "a": np.arange(ROWS, dtype=np.float32),
+        "b": -np.arange(ROWS, dtype=np.float32),
+        "y": np.arange(ROWS, dtype=np.float64) % 3,
+    })
+    fragments = [TableFragment(table.slice(i, 1000)) for i in range(0, ROWS, 1000)]
+    return PlanSource(Plan(fragments, table.schema).pieces(), table.schema, "test rows")
+
+
+def test_rows_come_back_by_index_range_and_list() -> None:
+    rows = ArrowRows(_source(), FeatureSpec(("a", "b"), "y"))
+    assert len(rows) == ROWS
+    assert np.array_equal(rows[:][:, 0], np.arange(ROWS))
+    assert np.array_equal(rows[2500:7777][:, 1], -np.arange(2500, 7777))
+    assert rows[9999][0] == 9999 and rows[5][1] == -5  # a backward jump starts over
+    assert rows[ROWS - 1].dtype == np.float64
+    assert np.array_equal(rows[[3, 2000, 10]][:, 0], [3, 2000, 10])
+    assert len(rows._matrix) <= 1000  # one batch held, not the shard
+
+
+def test_a_dataset_from_the_sequence_equals_one_from_the_matrix() -> None:
+    spec = FeatureSpec(("a", "b"), "y")
+    params = {"verbosity": -1, "max_bin": 63, "num_threads": 1}
+    streamed = dataset(_source(), spec, params)
+    dense = dataset(_source(), spec, params, dense=True)
+    boosters = [lgb.train({**params, "objective": "regression"}, d, 5) for d in (streamed, dense)]
+    probe = np.column_stack([np.arange(0, ROWS, 97), -np.arange(0, ROWS, 97)]).astype(np.float32)
+    np.testing.assert_allclose(boosters[0].predict(probe), boosters[1].predict(probe))
