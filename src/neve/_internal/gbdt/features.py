@@ -23,6 +23,8 @@ from neve.exceptions import ColumnTypeError, ConfigError, NullLabelError
 
 BATCH_ROWS = 262_144
 MIN_BATCH_ROWS = 32_768
+#: rows converted to float32 at a time: the one copy of the data a worker makes
+MAX_BATCH_ROWS = 16_384
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ def iter_arrays(source: Source, spec: FeatureSpec, what: str) -> Iterator[Arrays
     """The source's rows as batches of arrays (small source batches merged)."""
     # Batches go as the source cut them: re-cutting to one size would copy every row.
     for batch in coalesce(source.stream(spec.columns), MIN_BATCH_ROWS):
-        yield to_arrays(batch, spec, what)
+        for start in range(0, batch.num_rows, MAX_BATCH_ROWS):  # zero-copy slices
+            yield to_arrays(batch.slice(start, MAX_BATCH_ROWS), spec, what)
 
 
 def targets(source: Source, spec: FeatureSpec, what: str, num_rows: int) -> Arrays:
