@@ -70,6 +70,23 @@ def warm_up_torch() -> None:
     optimizer.step()
 
 
+def one_epoch(batches: Any, model: Any, optimizer: Any, loss_fn: Any, features: list[str],
+              label: str) -> tuple[int, Any]:
+    """The training loop neve and Ray Train both run: ``{column: tensor}`` batches in."""
+    import torch
+
+    rows = 0
+    loss = torch.zeros(())
+    for batch in batches:
+        x = torch.stack([batch[c] for c in features], dim=1)
+        optimizer.zero_grad()
+        loss = loss_fn(model(x).squeeze(1), batch[label])
+        loss.backward()
+        optimizer.step()
+        rows += int(x.shape[0])
+    return rows, loss
+
+
 def plain_loop(args: Any, parquet: Path) -> dict[str, Any]:
     import numpy as np
     import pyarrow.parquet as pq
@@ -125,15 +142,8 @@ def neve_train_func() -> None:
     shard = context.get_dataset_map()["train"].get_shard()
     dataset = shard.to_torch_dataset(batch_size=int(config["batch_size"]) // world)
     t_ready = time.perf_counter()
-    rows = 0
-    loss = torch.zeros(())
-    for batch in DataLoader(dataset, batch_size=None):
-        x = torch.stack([batch[c] for c in config["features"]], dim=1)
-        optimizer.zero_grad()
-        loss = loss_fn(model(x).squeeze(1), batch[config["label"]])
-        loss.backward()
-        optimizer.step()
-        rows += int(x.shape[0])
+    rows, loss = one_epoch(DataLoader(dataset, batch_size=None), model, optimizer, loss_fn,
+                           config["features"], config["label"])
     t_end = time.perf_counter()
     if context.get_rank() == 0:
         torch.save(model.module.state_dict(), os.path.join(context.get_model_dir(), "model.pt"))
@@ -210,16 +220,9 @@ def ray_train_func(config: dict[str, Any]) -> None:
     loss_fn = torch.nn.MSELoss()
     shard = ray.train.get_dataset_shard("train")
     t_ready = time.perf_counter()
-    rows = 0
-    loss = torch.zeros(())
-    for batch in shard.iter_torch_batches(batch_size=config["batch_size"] // world,
-                                          drop_last=True):
-        x = torch.stack([batch[c] for c in config["features"]], dim=1)
-        optimizer.zero_grad()
-        loss = loss_fn(model(x).squeeze(1), batch[config["label"]])
-        loss.backward()
-        optimizer.step()
-        rows += int(x.shape[0])
+    batches = shard.iter_torch_batches(batch_size=config["batch_size"] // world, drop_last=True)
+    rows, loss = one_epoch(batches, model, optimizer, loss_fn, config["features"],
+                           config["label"])
     t_end = time.perf_counter()
     metrics = {"loss": loss.item(), "rows": rows * world, "setup_s": t_ready - t_start,
                "epoch_s": t_end - t_ready}
