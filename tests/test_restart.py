@@ -31,14 +31,11 @@ def _kill_rank_1_once(marker: Path, at_round: int):  # type: ignore[no-untyped-d
     return should_die
 
 
-def test_xgboost_resumes_from_the_checkpoint_and_matches_an_uninterrupted_fit(
-    tmp_path: Path,
-) -> None:
+def _xgboost_killer(marker: Path, at_round: int):  # type: ignore[no-untyped-def]
+    """An xgboost callback that kills rank 1's process at ``at_round``, once."""
     import xgboost as xgb
 
-    from neve.xgboost import XGBEstimator, XGBScalingConfig
-
-    should_die = _kill_rank_1_once(tmp_path / "killed", at_round=7)
+    should_die = _kill_rank_1_once(marker, at_round)
 
     class KillOnce(xgb.callback.TrainingCallback):
         def after_iteration(self, model, epoch, evals_log):  # type: ignore[no-untyped-def]
@@ -46,11 +43,22 @@ def test_xgboost_resumes_from_the_checkpoint_and_matches_an_uninterrupted_fit(
                 os._exit(1)
             return False
 
+    return KillOnce()
+
+
+def test_xgboost_resumes_from_the_checkpoint_and_matches_an_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    kill_once = _xgboost_killer(tmp_path / "killed", at_round=7)
+
     frame = make_frame(4_000, seed=5)
     scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
     plain = XGBEstimator(n_estimators=20, scaling_config=scaling)
     plain.fit(frame, INPUTS, "y", eval_set=frame)
-    restarted = XGBEstimator(n_estimators=20, scaling_config=scaling, callbacks=[KillOnce()])
+    restarted = XGBEstimator(n_estimators=20, scaling_config=scaling, callbacks=[kill_once])
     booster = restarted.fit(frame, INPUTS, "y", eval_set=frame, max_failures=1)
 
     assert (tmp_path / "killed").exists()  # the worker really died once
@@ -84,19 +92,12 @@ def test_lightgbm_resumes_from_the_checkpoint(tmp_path: Path) -> None:
 
 
 def test_without_max_failures_a_lost_worker_fails_the_fit(tmp_path: Path) -> None:
-    import xgboost as xgb
 
     from neve.xgboost import XGBEstimator, XGBScalingConfig
 
-    should_die = _kill_rank_1_once(tmp_path / "killed", at_round=3)
+    kill_once = _xgboost_killer(tmp_path / "killed", at_round=3)
 
-    class KillOnce(xgb.callback.TrainingCallback):
-        def after_iteration(self, model, epoch, evals_log):  # type: ignore[no-untyped-def]
-            if should_die(epoch):
-                os._exit(1)
-            return False
-
-    estimator = XGBEstimator(n_estimators=10, callbacks=[KillOnce()],
+    estimator = XGBEstimator(n_estimators=10, callbacks=[kill_once],
                              scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
     with pytest.raises(WorkerError, match="rank 1") as info:
         estimator.fit(make_frame(2_000), INPUTS, "y")
