@@ -49,7 +49,6 @@ def _xgboost_killer(marker: Path, at_round: int):  # type: ignore[no-untyped-def
 def test_xgboost_resumes_from_the_checkpoint_and_matches_an_uninterrupted_fit(
     tmp_path: Path,
 ) -> None:
-
     from neve.xgboost import XGBEstimator, XGBScalingConfig
 
     kill_once = _xgboost_killer(tmp_path / "killed", at_round=7)
@@ -92,7 +91,6 @@ def test_lightgbm_resumes_from_the_checkpoint(tmp_path: Path) -> None:
 
 
 def test_without_max_failures_a_lost_worker_fails_the_fit(tmp_path: Path) -> None:
-
     from neve.xgboost import XGBEstimator, XGBScalingConfig
 
     kill_once = _xgboost_killer(tmp_path / "killed", at_round=3)
