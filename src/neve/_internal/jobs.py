@@ -431,7 +431,7 @@ def _source(r: _Reader, name: str) -> SourceSpec:
                           + (" (run `neve demo` to create the demo's warehouse)"
                              if os.path.basename(resolved) == "warehouse.duckdb" else ""))
         return SourceSpec(name, kind, resolved, relation, sql)
-    from neve._internal.data.sources import ADBC_SCHEMES
+    from neve._internal.data.sql import ADBC_SCHEMES
 
     schemes = ", ".join(f"{k}://" for k in sorted(ADBC_SCHEMES))
     uri = r.get(table, name, "adbc", str, f"a database URI ({schemes}...)",

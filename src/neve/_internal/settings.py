@@ -62,6 +62,11 @@ SHUTDOWN_GRACE_S = Setting(
     5.0,
     "how long workers get to stop on their own before they are killed",
 )
+PLAN_TIMEOUT_S = Setting(
+    "NEVE_PLAN_TIMEOUT_S",
+    120.0,
+    "how long planning may wait for the cluster (counting a Ray Dataset's blocks, say)",
+)
 BATCH_BYTES = Setting(
     "NEVE_BATCH_BYTES",
     float(64 << 20),
@@ -82,6 +87,12 @@ def stage_root() -> Path:
     """Where dotted stage names (``DB.SCHEMA.STAGE``) resolve: ``$NEVE_STAGE_ROOT``."""
     root = os.environ.get("NEVE_STAGE_ROOT")
     return Path(root).expanduser() if root else data_dir() / "stages"
+
+
+def spill_url() -> str | None:
+    """Where a multi-node cluster spills rows only the driver can read: ``$NEVE_SPILL_URL``
+    (an fsspec URL or path every node can reach, e.g. ``s3://bucket/prefix``)."""
+    return os.environ.get("NEVE_SPILL_URL") or None
 
 
 def ray_address() -> str | None:

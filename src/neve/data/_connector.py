@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
 
 from neve._internal import context as _context
+from neve._internal.data.batches import rebatch
 from neve._internal.data.errors import check_columns
 from neve._internal.data.fragments import Plan
-from neve._internal.data.materialize import (
-    local_plan,
-    plan_in_object_store,
-    plan_in_process,
-    rebatch,
-)
+from neve._internal.data.plans import local_plan, plan_for_workers
 from neve._internal.data.resolve import PlanSource, source_from_dataframe, source_from_sql
 from neve._internal.data.sources import RayDatasetSource, Source
 from neve.exceptions import ConfigError
@@ -53,7 +51,10 @@ class DataConnector:
 
     def __init__(self, source: Source, **_: Any) -> None:
         self._source = source
-        self._worker_plans: dict[tuple[str, ...] | None, Plan] = {}
+        #: plans for the workers of a run, by (projection, sized); released with the
+        #: connector, or by the run that made them when it ends
+        self._worker_plans: dict[tuple[tuple[str, ...] | None, bool], Plan] = {}
+        weakref.finalize(self, _release_plans, self._worker_plans)
 
     # -- constructors ---------------------------------------------------------------
 
@@ -63,9 +64,16 @@ class DataConnector:
         return cls(source_from_dataframe(df), **kwargs)
 
     @classmethod
-    def from_sql(cls, query: str, session: Any = None, **kwargs: Any) -> DataConnector:
-        """Rows of a SQL query on DuckDB (connection, file, or the default) or over ADBC."""
-        return cls(source_from_sql(query, session), **kwargs)
+    def from_sql(cls, query: str, session: Any = None, *, partition_column: str | None = None,
+                 **kwargs: Any) -> DataConnector:
+        """Rows of a SQL query on DuckDB (connection, file, or the default) or over ADBC.
+
+        A PostgreSQL URI as ``session`` lets the workers read in parallel, inside one
+        snapshot: a scan of one table by ``ctid`` ranges, any other query by value
+        ranges of ``partition_column`` (an integer or float column) when named.
+        """
+        return cls(source_from_sql(query, session, partition_column=partition_column),
+                   **kwargs)
 
     @classmethod
     def from_sources(
@@ -193,35 +201,60 @@ class DataConnector:
 
     # -- distribution -----------------------------------------------------------------
 
-    def _plan_for_workers(self, columns: Sequence[str] | None = None) -> Plan:
-        """Fragments every process of the cluster can read (computed once per projection).
+    def _plan_for_workers(self, columns: Sequence[str] | None = None, *,
+                          sized: bool = False) -> Plan:
+        """Fragments every process of the cluster can read (made once per projection).
 
-        Sources only this process can read are streamed into Ray's object store
-        (projected to ``columns``), or into a local spill when Ray is not running.
+        ``sized=True`` asks for fragments whose row counts are known (equal shards,
+        ranking groups). A plan of all columns serves every projection.
         """
         key = tuple(columns) if columns is not None else None
-        plan = self._worker_plans.get(key) or self._worker_plans.get(None)
-        if plan is None:
-            columns = self._checked(columns)
-            if _ray_ready():
-                plan = plan_in_object_store(self._source, columns)
-            else:
-                plan = plan_in_process(self._source, columns)
-            self._worker_plans[key] = plan
+        for candidate in ((key, sized), (None, sized), (key, True), (None, True)):
+            plan = self._worker_plans.get(candidate)
+            if plan is not None:
+                return plan
+        columns = self._checked(columns)
+        if self._source.in_memory and not _ray_ready():
+            plan = local_plan(self._source, columns)  # rows travel with the pickle
+            assert plan is not None
+        else:
+            plan = plan_for_workers(self._source, columns, sized=sized)
+        self._worker_plans[(key, sized)] = plan
         return plan
+
+    @contextlib.contextmanager
+    def _plans_released_after(self) -> Iterator[None]:
+        """Release the plans made while the block runs (a run's spill, its snapshot)."""
+        before = set(self._worker_plans)
+        try:
+            yield
+        finally:
+            made = {k: p for k, p in self._worker_plans.items() if k not in before}
+            for key in made:
+                del self._worker_plans[key]
+            _release_plans(made)
 
     def __getstate__(self) -> dict[str, Any]:
         # What travels to a worker is a plan of readable fragments, never a
-        # connection: the driver streams what only it can read into the object store.
-        plan = self._plan_for_workers()
+        # connection: the driver spills what only it can read.
+        plan = self._plan_for_workers(sized=bool(getattr(self, "equal", False)))
         state = dict(self.__dict__)
         state["_source"] = PlanSource.whole(plan, self._source.description)
-        state["_worker_plans"] = {None: plan}
+        state["_worker_plans"] = {(None, plan.sized): plan}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _release_plans(plans: dict[Any, Plan]) -> None:
+    for plan in list(plans.values()):
+        plan.release()
+    plans.clear()
 
 
 def _read_fragment(fragment: Any, schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_batches(list(fragment.read(None, 0, fragment.num_rows)), schema=schema)
+    return pa.Table.from_batches(list(fragment.read(None)), schema=schema)
 
 
 class ShardedDataConnector(DataConnector):
@@ -247,11 +280,12 @@ class ShardedDataConnector(DataConnector):
     def get_shard(self) -> DataConnector:
         """This worker's share, as a plain DataConnector (only inside a run)."""
         ctx = _context.require("ShardedDataConnector.get_shard()")
-        plan = self._plan_for_workers()
+        plan = self._plan_for_workers(sized=self.equal)
         pieces = plan.shard(ctx.rank, ctx.world_size, equal=self.equal)
         if self.equal and ctx.rank == 0:
-            dropped = plan.num_rows - ctx.world_size * (plan.num_rows // ctx.world_size)
+            rows = plan.num_rows or 0
+            dropped = rows - ctx.world_size * (rows // ctx.world_size)
             if dropped:
-                logger.info("equal shards: dropped %d of %d rows", dropped, plan.num_rows)
+                logger.info("equal shards: dropped %d of %d rows", dropped, rows)
         description = f"shard {ctx.rank} of {ctx.world_size} of {self._source.description}"
         return DataConnector(PlanSource(pieces, plan.schema, description))

@@ -1,31 +1,41 @@
 """Sources: where rows come from, each described as Arrow record batches.
 
-Every source offers two ways to be read:
+Every source offers these ways to be read:
 
 * ``stream(columns)`` - the driver reads the source itself, batch by batch;
-* ``fragments(columns)`` - a list of :class:`Fragment` that any worker can read on
-  its own (files, row groups, object-store blocks), or ``None`` when only this
-  process can read the source (a DuckDB connection, an ADBC cursor).
+* ``fragments(columns)`` - fragments any worker can read on its own (files, row
+  groups, object-store blocks), or ``None`` when the driver must stream the rows;
+* ``plan(columns, sized=...)`` - a plan for the workers that the source makes by
+  itself (its fragments; a PostgreSQL snapshot cut into ``ctid`` ranges), or ``None``;
+* ``distinct(column, limit)`` - the distinct values of a column, computed where the
+  data lives (a ``SELECT DISTINCT`` in the database), or ``None``.
 
-No output knows which source it came from: everything downstream consumes Arrow.
+SQL sources live in :mod:`neve._internal.data.sql`, files in
+:mod:`neve._internal.data.files`. No output knows which source it came from:
+everything downstream consumes Arrow.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from neve._internal.data.errors import source_error
-from neve._internal.data.fragments import Fragment, TableFragment
+from neve._internal import settings
+from neve._internal.data.fragments import Fragment, Plan, TableFragment
 
 logger = logging.getLogger(__name__)
 
 STREAM_BATCH_ROWS = 131_072
+
+
+def projected_schema(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:
+    return schema if columns is None else pa.schema([schema.field(c) for c in columns])
 
 
 class Source(ABC):
@@ -33,6 +43,8 @@ class Source(ABC):
 
     #: a short human description for messages ("DuckDB query ...", "3 Parquet files")
     description: str = "source"
+    #: the rows already sit in this process's memory (a pandas/polars/pyarrow frame)
+    in_memory: bool = False
 
     @abstractmethod
     def schema(self) -> pa.Schema:
@@ -46,9 +58,40 @@ class Source(ABC):
         """Fragments any process can read, or ``None`` if only this one can."""
         return None
 
+    def plan(self, columns: Sequence[str] | None, *, sized: bool = False) -> Plan | None:
+        """A plan the workers read without the driver streaming rows, or ``None``.
+
+        ``sized=True`` asks for fragments whose row counts are known.
+        """
+        fragments = self.fragments(columns)
+        if fragments is None:
+            return None
+        return Plan(fragments, projected_schema(self.schema(), columns))
+
+    def distinct(self, column: str, limit: int) -> list[Any] | None:
+        """Up to ``limit`` distinct non-NULL values of ``column``, computed where the
+        rows live; ``None`` when this source cannot (the caller reads fragments)."""
+        return None
+
+
+def distinct_of(batches: Iterator[pa.RecordBatch] | Sequence[pa.RecordBatch],
+                limit: int) -> list[Any]:
+    """Distinct non-NULL values of the only column of ``batches`` (up to ``limit``)."""
+    seen: set[Any] = set()
+    for batch in batches:
+        column = batch.column(0)
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        seen.update(v for v in pc.unique(column).to_pylist() if v is not None)
+        if len(seen) >= limit:
+            break
+    return list(seen)[:limit]
+
 
 class ArrowSource(Source):
     """An in-memory Arrow table (from pandas, polars, pyarrow)."""
+
+    in_memory = True
 
     def __init__(self, table: pa.Table, description: str = "Arrow table") -> None:
         self.table = table
@@ -61,185 +104,78 @@ class ArrowSource(Source):
         table = self.table if columns is None else self.table.select(list(columns))
         yield from table.to_batches(max_chunksize=STREAM_BATCH_ROWS)
 
-    def local_fragments(self) -> list[Fragment]:
+    def local_fragments(self, columns: Sequence[str] | None) -> list[Fragment]:
         """The table cut into fragments (zero-copy), for this process only."""
-        n = self.table.num_rows
-        step = max(STREAM_BATCH_ROWS, 1)
-        return [TableFragment(self.table.slice(i, step)) for i in range(0, n, step)] or [
-            TableFragment(self.table)
-        ]
+        table = self.table if columns is None else self.table.select(list(columns))
+        n = table.num_rows
+        return [TableFragment(table.slice(i, STREAM_BATCH_ROWS))
+                for i in range(0, n, STREAM_BATCH_ROWS)] or [TableFragment(table)]
+
+    def distinct(self, column: str, limit: int) -> list[Any] | None:
+        return distinct_of(self.table.select([column]).to_batches(), limit)
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+class StreamSource(Source):
+    """A one-shot Arrow stream (``RecordBatchReader``, an ``__arrow_c_stream__``
+    object): written once to a local spill as it is first read, never read whole
+    into memory; every later read comes from the spill."""
 
+    def __init__(self, reader: pa.RecordBatchReader, description: str = "Arrow stream") -> None:
+        self._reader: pa.RecordBatchReader | None = reader
+        self._schema = reader.schema
+        self.description = description
+        self._fragments: list[Fragment] | None = None
 
-def _connect_read_only(database: str) -> Any:
-    """Open a DuckDB file read-only, or share this process's open read-write instance.
+    def schema(self) -> pa.Schema:
+        return self._schema
 
-    DuckDB refuses a read-only connection to a file this process already holds open
-    for writing ("different configuration"); a plain connect then reuses that instance.
-    """
-    import duckdb
+    def _spilled(self) -> list[Fragment]:
+        if self._fragments is None:
+            from neve._internal.data.spill import SpillFolder, write_ipc
 
-    try:
-        return duckdb.connect(database, read_only=True)
-    except duckdb.ConnectionException as exc:
-        if "different configuration" not in str(exc):
-            raise
-        return duckdb.connect(database)
+            reader, self._reader = self._reader, None
+            if reader is None:
+                raise RuntimeError(f"{self.description} was already consumed")
+            folder = SpillFolder(kind="stream")
+            weakref.finalize(self, folder.release)
+            self._fragments = write_ipc(reader, self._schema, folder)
+        return self._fragments
 
+    def stream(self, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
+        for fragment in self._spilled():
+            yield from fragment.read(columns)
 
-class DuckDBSource(Source):
-    """A DuckDB relation, or a query on a DuckDB connection or database file."""
+    def fragments(self, columns: Sequence[str] | None) -> list[Fragment] | None:
+        from neve._internal.runtime.cluster import single_node
 
-    def __init__(
-        self,
-        *,
-        relation: Any = None,
-        query: str | None = None,
-        connection: Any = None,
-        database: str | None = None,
-    ) -> None:
-        self._relation = relation
-        self.query = query
-        self._connection = connection
-        self.database = database
-        if relation is not None:
-            self.description = "DuckDB relation"
-        elif database is not None:
-            self.description = f"DuckDB query on {database!r}"
-        else:
-            self.description = "DuckDB query"
-        self._schema: pa.Schema | None = None
+        fragments = self._spilled()
+        return fragments if single_node() else None  # a local file: this node only
 
     def __getstate__(self) -> dict[str, Any]:
-        if self.database is None:
-            raise TypeError(
-                "a DuckDB relation or connection cannot leave this process; "
-                "neve ships its rows as Arrow blocks instead"
-            )
-        state = dict(self.__dict__)
-        state["_connection"] = None
-        return state
+        raise TypeError("an Arrow stream cannot leave this process; neve ships its rows "
+                        "as fragments instead")
 
-    @contextlib.contextmanager
-    def _open(self) -> Iterator[Any]:
-        import duckdb
 
-        if self._relation is not None:
-            yield self._relation
-            return
-        with source_error(self.description):
-            if self._connection is not None:
-                yield self._connection.sql(self.query)
-            elif self.database is not None:
-                con = _connect_read_only(self.database)
-                try:
-                    yield con.sql(self.query)
-                finally:
-                    con.close()
-            else:
-                yield duckdb.sql(self.query)
+class SnowparkSource(Source):
+    """A Snowpark DataFrame, read batch by batch (``to_pandas_batches``), never whole."""
+
+    description = "Snowpark DataFrame"
+
+    def __init__(self, df: Any) -> None:
+        self.df = df
+        self._schema: pa.Schema | None = None
 
     def schema(self) -> pa.Schema:
         if self._schema is None:
-            with self._open() as rel, source_error(self.description):
-                self._schema = rel.limit(0).to_arrow_table().schema
+            self._schema = pa.Schema.from_pandas(self.df.limit(0).to_pandas(),
+                                                 preserve_index=False)
         return self._schema
 
     def stream(self, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
-        with self._open() as rel, source_error(self.description):
-            if columns is not None:
-                rel = rel.project(", ".join(_quote(c) for c in columns))
-            reader = rel.to_arrow_reader(STREAM_BATCH_ROWS)
-            yield from reader
-
-
-ADBC_SCHEMES = {
-    "postgresql": "adbc_driver_postgresql",
-    "postgres": "adbc_driver_postgresql",
-    "sqlite": "adbc_driver_sqlite",
-    "snowflake": "adbc_driver_snowflake",
-    "grpc": "adbc_driver_flightsql",
-    "grpc+tls": "adbc_driver_flightsql",
-    "grpc+tcp": "adbc_driver_flightsql",
-}
-
-
-def adbc_connect(uri: str) -> Any:
-    """Open an ADBC DB-API connection for a URI, naming the driver to install."""
-    import importlib
-
-    scheme = uri.split("://", 1)[0].lower()
-    module_name = ADBC_SCHEMES[scheme]
-    try:
-        driver = importlib.import_module(f"{module_name}.dbapi")
-    except ImportError as exc:
-        package = module_name.replace("_", "-")
-        raise ImportError(
-            f"reading {scheme}:// needs {package}: pip install 'neve[sql]' "
-            f"(or pip install {package})"
-        ) from exc
-    with source_error(f"connecting to {scheme}://"):
-        if scheme == "sqlite":
-            return driver.connect(uri.split("://", 1)[1] or ":memory:")
-        return driver.connect(uri)
-
-
-class ADBCSource(Source):
-    """A SQL query over an ADBC connection (PostgreSQL, SQLite, Snowflake, Flight SQL)."""
-
-    def __init__(self, query: str, *, uri: str | None = None, connection: Any = None) -> None:
-        self.query = query
-        self.uri = uri
-        self._connection = connection
-        target = uri.split("://", 1)[0] if uri else "ADBC"
-        self.description = f"{target} query {query[:60]!r}"
-        self._schema: pa.Schema | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self.uri is None:
-            raise TypeError("an ADBC connection cannot leave this process")
-        state = dict(self.__dict__)
-        state["_connection"] = None
-        return state
-
-    @contextlib.contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        own = self._connection is None
-        connection = adbc_connect(self.uri) if own else self._connection  # type: ignore[arg-type]
-        try:
-            cursor = connection.cursor()
-            try:
-                yield cursor
-            finally:
-                cursor.close()
-        finally:
-            if own:
-                connection.close()
-
-    def schema(self) -> pa.Schema:
-        if self._schema is None:
-            with self._cursor() as cursor, source_error(self.description):
-                try:  # without running the query, where the driver can (PostgreSQL)
-                    self._schema = cursor.adbc_execute_schema(self.query)
-                except Exception as exc:
-                    unsupported = "NotSupported" in type(exc).__name__
-                    if not unsupported and "NOT_IMPLEMENTED" not in str(exc):
-                        raise
-                    cursor.execute(self.query)
-                    reader = cursor.fetch_record_batch()
-                    self._schema = reader.schema
-                    reader.close()
-        return self._schema
-
-    def stream(self, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
-        with self._cursor() as cursor, source_error(self.description):
-            cursor.execute(self.query)
-            reader = cursor.fetch_record_batch()
-            for batch in reader:
-                yield batch if columns is None else batch.select(list(columns))
+        frame = self.df if columns is None else self.df.select(*columns)
+        for part in frame.to_pandas_batches():
+            table = pa.Table.from_pandas(part, preserve_index=False)
+            yield from table.to_batches(max_chunksize=STREAM_BATCH_ROWS)
 
 
 class RayDatasetSource(Source):
@@ -266,10 +202,19 @@ class RayDatasetSource(Source):
         import ray
 
         from neve._internal.data.fragments import ObjectRefFragment
+        from neve.exceptions import SourceError
 
         dataset = self.dataset if columns is None else self.dataset.select_columns(list(columns))
         refs = dataset.to_arrow_refs()
-        counts = ray.get([_num_rows.remote(ref) for ref in refs])
+        timeout = settings.PLAN_TIMEOUT_S.get()
+        try:
+            counts = ray.get([_num_rows.remote(ref) for ref in refs], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise SourceError(
+                f"counting the rows of the Ray Dataset's {len(refs)} blocks took longer than "
+                f"{timeout:g} s (NEVE_PLAN_TIMEOUT_S={timeout:g}); likely causes: the cluster "
+                "has no free CPU for Ray Data's tasks, or a node died"
+            ) from None
         return [ObjectRefFragment(ref, n) for ref, n in zip(refs, counts, strict=True) if n]
 
 
@@ -277,19 +222,20 @@ def _remote_num_rows(table: pa.Table) -> int:
     return int(table.num_rows)
 
 
-class _LazyRemote:
+class LazyRemote:
     """``ray.remote`` applied on first use, so importing neve does not import Ray."""
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, **options: Any) -> None:
         self._fn = fn
+        self._options = options or {"num_cpus": 0}
         self._remote: Any = None
 
     def remote(self, *args: Any) -> Any:
         if self._remote is None:
             import ray
 
-            self._remote = ray.remote(num_cpus=0)(self._fn)
+            self._remote = ray.remote(**self._options)(self._fn)
         return self._remote.remote(*args)
 
 
-_num_rows = _LazyRemote(_remote_num_rows)
+_num_rows = LazyRemote(_remote_num_rows)

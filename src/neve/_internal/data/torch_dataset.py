@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from neve._internal.data.batches import rebatch
 from neve._internal.data.convert import batch_to_torch
 from neve._internal.data.fragments import Piece, Plan
-from neve._internal.data.materialize import rebatch, spill_plan
+from neve._internal.data.plans import spill_plan
 from neve._internal.data.sources import Source
 
 try:

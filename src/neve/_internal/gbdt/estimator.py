@@ -85,12 +85,19 @@ class GBDTEstimator:
         early_stopping_rounds: int | None = None,
         init_model: Any = None,
         max_failures: int = 0,
+        external_memory: bool | None = None,
     ) -> Any:
         """Train on every worker of the cluster and return the framework's Booster.
 
         ``max_failures`` > 0 restarts every worker from rank 0's last checkpoint
         (taken every tenth of the rounds) when a worker fails, up to that many times.
+        ``external_memory`` (XGBoost): each worker keeps its binned shard on local
+        disk and streams it every round (``True``), in memory (``False``), or picks
+        by the shard's size against the worker's share of its node's memory (``None``).
         """
+        if external_memory not in (None, True, False):
+            raise ConfigError(
+                f"external_memory must be None (auto), True or False, got {external_memory!r}")
         if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
             raise ConfigError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         scaling = self.scaling_config if self.scaling_config is not None else self._scaling_type()
@@ -125,6 +132,7 @@ class GBDTEstimator:
             callbacks=self.callbacks,
             init_model=self._model_payload(init_model),
             max_failures=max_failures,
+            external_memory=external_memory,
         )
         self._model = self._load(result.model)
         self._evals_result = result.evals_result

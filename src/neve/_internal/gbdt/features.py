@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from neve._internal.data.batches import coalesce
 from neve._internal.data.convert import is_categorical, is_numeric, numeric_array
 from neve._internal.data.errors import check_columns
-from neve._internal.data.materialize import coalesce
+from neve._internal.data.fragments import Plan
+from neve._internal.data.plans import plan_distinct
 from neve._internal.data.sources import Source
 from neve.exceptions import ColumnTypeError, ConfigError, NullLabelError
 
@@ -25,6 +27,9 @@ BATCH_ROWS = 262_144
 MIN_BATCH_ROWS = 32_768
 #: rows converted to float32 at a time: the one copy of the data a worker makes
 MAX_BATCH_ROWS = 16_384
+#: the most categories a categorical feature may have (xgboost and LightGBM slow down
+#: long before; a free-text column should be dropped or encoded by the user)
+MAX_CATEGORIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -89,19 +94,30 @@ def build_spec(
     return FeatureSpec(inputs, label_col, weight_col, group_col)
 
 
-def with_categories(spec: FeatureSpec, source: Source) -> FeatureSpec:
-    """Collect the categories of the categorical features (one pass over them)."""
+def with_categories(spec: FeatureSpec, source: Source, plan: Plan) -> FeatureSpec:
+    """Collect the categories of the categorical features where the rows live: a
+    ``SELECT DISTINCT`` in the database, or Ray tasks over the plan's fragments that
+    each send back their distinct values - never the rows through the driver."""
     schema = source.schema()
     names = [c for c in spec.input_cols if is_categorical(schema.field(c).type)]
     if not names:
         return spec
-    seen: dict[str, set[Any]] = {n: set() for n in names}
-    for batch in source.stream(names):
-        for name, column in zip(names, batch.columns, strict=True):
-            if pa.types.is_dictionary(column.type):
-                column = column.dictionary_decode()
-            seen[name].update(v for v in pc.unique(column).to_pylist() if v is not None)
-    categories = {n: tuple(sorted(seen[n], key=str)) for n in names}
+    found: dict[str, list[Any]] = {}
+    for name in names:
+        values = source.distinct(name, MAX_CATEGORIES + 1)
+        if values is not None:
+            found[name] = values
+    rest = [n for n in names if n not in found]
+    if rest:
+        found.update(plan_distinct(plan, rest, MAX_CATEGORIES + 1))
+    for name, values in found.items():
+        if len(values) > MAX_CATEGORIES:
+            raise ColumnTypeError(
+                f"feature column {name!r} holds more than {MAX_CATEGORIES:,} distinct strings, "
+                "too many for a categorical feature; drop it from input_cols, or encode it "
+                "as numbers in your query"
+            )
+    categories = {n: tuple(sorted(found[n], key=str)) for n in names}
     return FeatureSpec(spec.input_cols, spec.label_col, spec.weight_col, spec.group_col,
                        categories)
 
@@ -160,12 +176,21 @@ def to_arrays(batch: pa.RecordBatch, spec: FeatureSpec, what: str) -> Arrays:
     return Arrays(features, label, weight, group)
 
 
-def iter_arrays(source: Source, spec: FeatureSpec, what: str) -> Iterator[Arrays]:
-    """The source's rows as batches of arrays (small source batches merged)."""
+def iter_arrays(source: Source, spec: FeatureSpec, what: str,
+                max_rows: int = MAX_BATCH_ROWS) -> Iterator[Arrays]:
+    """The source's rows as batches of arrays of at most ``max_rows`` (small source
+    batches merged)."""
     # Batches go as the source cut them: re-cutting to one size would copy every row.
-    for batch in coalesce(source.stream(spec.columns), MIN_BATCH_ROWS):
-        for start in range(0, batch.num_rows, MAX_BATCH_ROWS):  # zero-copy slices
-            yield to_arrays(batch.slice(start, MAX_BATCH_ROWS), spec, what)
+    for batch in coalesce(source.stream(spec.columns), min(MIN_BATCH_ROWS, max_rows)):
+        for start in range(0, batch.num_rows, max_rows):  # zero-copy slices
+            yield to_arrays(batch.slice(start, max_rows), spec, what)
+
+
+def empty_arrays(spec: FeatureSpec) -> Arrays:
+    """No rows, in the shapes of :func:`to_arrays` (a worker whose shard is empty)."""
+    return Arrays(np.empty((0, len(spec.input_cols)), np.float32), np.empty(0, np.float32),
+                  np.empty(0, np.float32) if spec.weight_col else None,
+                  np.empty(0, np.int64) if spec.group_col else None)
 
 
 def targets(source: Source, spec: FeatureSpec, what: str, num_rows: int) -> Arrays:

@@ -8,6 +8,7 @@ handling live here, once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -47,9 +48,13 @@ class TrainTask:
     round_offset: int = 0
     #: rank 0 sends a checkpoint every this many rounds (0: never)
     checkpoint_every: int = 0
+    #: xgboost: build an external-memory matrix, its binned pages on local disk
+    external_memory: bool = False
 
     def train_source(self, ctx: WorkerContext) -> PlanSource:
-        return PlanSource(self.train.shard(ctx.rank, ctx.world_size), self.train.schema,
+        # Ranking: cuts move to where the query group changes, so no group spans workers.
+        pieces = self.train.shard(ctx.rank, ctx.world_size, group_col=self.spec.group_col)
+        return PlanSource(pieces, self.train.schema,
                           f"training shard {ctx.rank} of {ctx.world_size}")
 
     def eval_source(self, ctx: WorkerContext) -> PlanSource | None:
@@ -104,6 +109,15 @@ class Backend(ABC):
         """Whether a failed attempt may be retried as a whole (e.g. a port race)."""
         return False
 
+    def external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
+                        budget_bytes: float) -> bool:
+        """Whether workers keep their binned shard on local disk (``asked``: the user's
+        choice, ``None`` for automatic)."""
+        if asked:
+            raise ConfigError(f"{self.name} has no external-memory mode; leave "
+                              "external_memory out")
+        return False
+
 
 def _as_connector(data: Any, what: str) -> Any:
     from neve.data import DataConnector
@@ -140,6 +154,7 @@ def fit(
     callbacks: Sequence[Any] | None = None,
     init_model: Any = None,
     max_failures: int = 0,
+    external_memory: bool | None = None,
 ) -> TrainResult:
     """Fit on the cluster; return rank 0's model and evaluation history."""
     if early_stopping_rounds is not None and eval_set is None:
@@ -156,7 +171,6 @@ def fit(
     train = _as_connector(dataset, "dataset")
     spec = build_spec(train.schema, input_cols, label_col, weight_col, group_col,
                       train._source.description)
-    spec = with_categories(spec, train._source)
     evaluation = _as_connector(eval_set, "eval_set") if eval_set is not None else None
     if evaluation is not None:
         build_spec(evaluation.schema, spec.input_cols, label_col, weight_col, group_col,
@@ -168,13 +182,41 @@ def fit(
         backend.gpu_unsupported() if view.total_gpus and scaling.use_gpu is not False else None
     )
     layout = scaling.resolve(view, gpu_unsupported=gpu_unsupported)
-    train_plan = train._plan_for_workers(spec.columns)
-    if train_plan.num_rows == 0:
+    connectors = [c for c in (train, evaluation) if c is not None]
+    with contextlib.ExitStack() as plans:  # the run's spills and snapshots go when it ends
+        for connector in connectors:
+            plans.enter_context(connector._plans_released_after())
+        return _fit_planned(backend, train, evaluation, spec, layout, params=params,
+                            num_boost_round=num_boost_round,
+                            early_stopping_rounds=early_stopping_rounds,
+                            verbose_every=verbose_every, callbacks=callbacks,
+                            init_model=init_model, max_failures=max_failures,
+                            external_memory=external_memory,
+                            budget=_memory_per_worker(view, layout))
+
+
+def _memory_per_worker(view: cluster.ClusterView, layout: Layout) -> float:
+    """Bytes of Ray's memory resource per worker on the tightest node."""
+    nodes = [n for n in view.nodes if n.cpus >= 1 or n.gpus >= 1] or list(view.nodes)
+    per_node = -(-layout.num_workers // max(len(nodes), 1))
+    return min((n.memory for n in nodes), default=0.0) / max(per_node, 1)
+
+
+def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpec,
+                 layout: Layout, *, params: Mapping[str, Any], num_boost_round: int,
+                 early_stopping_rounds: int | None, verbose_every: int | None,
+                 callbacks: Sequence[Any] | None, init_model: Any,
+                 max_failures: int, external_memory: bool | None,
+                 budget: float) -> TrainResult:
+    # Ranking groups must not be cut: their shards need exact row counts.
+    train_plan = train._plan_for_workers(spec.columns, sized=spec.group_col is not None)
+    spec = with_categories(spec, train._source, train_plan)
+    if not train_plan.fragments or train_plan.num_rows == 0:
         raise EmptyDatasetError(
             f"the training data ({train._source.description}) holds no rows; check the "
             "table or query"
         )
-    if train_plan.num_rows < layout.num_workers:
+    if train_plan.num_rows is not None and train_plan.num_rows < layout.num_workers:
         raise EmptyDatasetError(
             f"{train_plan.num_rows} training rows cannot be split over {layout.num_workers} "
             "workers; use fewer workers (XGBScalingConfig(num_workers=...))"
@@ -182,7 +224,7 @@ def fit(
     eval_plan = None
     if evaluation is not None:
         eval_plan = evaluation._plan_for_workers(spec.columns)
-        if eval_plan.num_rows == 0:
+        if not eval_plan.fragments or eval_plan.num_rows == 0:
             raise EmptyDatasetError(
                 f"the eval set ({evaluation._source.description}) holds no rows"
             )
@@ -199,6 +241,9 @@ def fit(
         threads=max(int(layout.cpus_per_worker), 1),
         use_gpu=bool(layout.gpus_per_worker),
         init_model=init_model,
+        external_memory=backend.external_memory(
+            external_memory, -(-train_plan.estimated_rows // layout.num_workers),
+            len(spec.input_cols), budget),
     )
     if max_failures > 0:
         task = replace(task, checkpoint_every=max(1, num_boost_round // 10))

@@ -10,7 +10,14 @@ from typing import Any
 from neve._internal import settings
 from neve._internal.context import WorkerContext
 from neve._internal.data.sources import Source
-from neve._internal.gbdt.features import FeatureSpec, iter_arrays
+from neve._internal.data.spill import run_folder
+from neve._internal.gbdt.features import (
+    MAX_BATCH_ROWS,
+    Arrays,
+    FeatureSpec,
+    empty_arrays,
+    iter_arrays,
+)
 from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, report
@@ -21,23 +28,42 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("neve.xgboost needs xgboost: pip install 'neve[xgboost]'") from exc
 
 
-class ArrowBatches(xgb.DataIter):
-    """Feeds a source's Arrow batches to xgboost, one batch at a time (no pandas)."""
+#: rows per page of an external-memory matrix (xgboost keeps one page per batch)
+EXTERNAL_BATCH_ROWS = 262_144
 
-    def __init__(self, source: Source, spec: FeatureSpec, what: str) -> None:
-        super().__init__(release_data=True)
+
+class ArrowBatches(xgb.DataIter):
+    """Feeds a source's Arrow batches to xgboost, one batch at a time (no pandas).
+
+    With a ``cache_prefix`` xgboost writes each batch's binned page to disk there
+    (external memory). A shard with no rows gives one empty batch: xgboost needs
+    one, and a worker with nothing to add still takes part in every collective.
+    """
+
+    def __init__(self, source: Source, spec: FeatureSpec, what: str,
+                 cache_prefix: str | None = None) -> None:
+        super().__init__(cache_prefix=cache_prefix, release_data=True)
         self._source = source
         self._spec = spec
         self._what = what
+        self._max_rows = EXTERNAL_BATCH_ROWS if cache_prefix else MAX_BATCH_ROWS
         self._batches: Iterator[Any] | None = None
         self.rows = 0
 
     def reset(self) -> None:
         self._batches = None
 
+    def _parts(self) -> Iterator[Arrays]:
+        empty = True
+        for part in iter_arrays(self._source, self._spec, self._what, self._max_rows):
+            empty = False
+            yield part
+        if empty:
+            yield empty_arrays(self._spec)
+
     def next(self, input_data: Callable[..., None]) -> bool:
         if self._batches is None:
-            self._batches = iter_arrays(self._source, self._spec, self._what)
+            self._batches = self._parts()
             self.rows = 0
         part = next(self._batches, None)
         if part is None:
@@ -58,10 +84,12 @@ class ArrowBatches(xgb.DataIter):
 
 
 def quantile_matrix(source: Source, spec: FeatureSpec, what: str, params: dict[str, Any],
-                    threads: int, ref: Any = None) -> Any:
-    """A QuantileDMatrix over a source, with the training parameters' ``max_bin``."""
-    return xgb.QuantileDMatrix(
-        ArrowBatches(source, spec, what),
+                    threads: int, ref: Any = None, cache_prefix: str | None = None) -> Any:
+    """A QuantileDMatrix over a source, with the training parameters' ``max_bin``;
+    an ExtMemQuantileDMatrix, its binned pages on local disk, with a ``cache_prefix``."""
+    matrix = xgb.ExtMemQuantileDMatrix if cache_prefix else xgb.QuantileDMatrix
+    return matrix(
+        ArrowBatches(source, spec, what, cache_prefix),
         max_bin=int(params.get("max_bin", 256)),
         ref=ref,
         enable_categorical=bool(spec.categories),
@@ -87,8 +115,28 @@ class _Report(xgb.callback.TrainingCallback):
         return False
 
 
+#: bytes an in-memory QuantileDMatrix and training take per row: the bin index and its
+#: column-major copy (1 byte per feature each), row pointers, label, gradients and
+#: predictions (measured: 118 B/row for 28 features)
+def in_memory_bytes(rows: int, features: int) -> int:
+    return rows * (2 * features + 64)
+
+
+#: automatic external memory when the in-memory matrix would take more than this
+#: share of a worker's memory (what Ray gives tasks on its node, split among its workers)
+EXTERNAL_MEMORY_SHARE = 0.5
+
+
 class XGBoostBackend(Backend):
     name = "xgboost"
+
+    def external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
+                        budget_bytes: float) -> bool:
+        if asked is not None:
+            return bool(asked)
+        if budget_bytes <= 0:
+            return False
+        return in_memory_bytes(rows_per_worker, features) > EXTERNAL_MEMORY_SHARE * budget_bytes
 
     def start_collective(
         self, workers: group.WorkerGroup
@@ -129,13 +177,15 @@ class XGBoostBackend(Backend):
         # would fail the peers' pending collectives, and their errors could reach the
         # driver before this one, the cause. The driver stops every worker of a failed run.
         train_source = task.train_source(ctx)
+        cache = run_folder("xgboost").path if task.external_memory else None
         dtrain = quantile_matrix(train_source, task.spec, train_source.description, params,
-                                 task.threads)
+                                 task.threads, cache_prefix=cache and f"{cache}/train")
         evals = [(dtrain, "train")]
         eval_source = task.eval_source(ctx)
         if eval_source is not None:
             deval = quantile_matrix(eval_source, task.spec, eval_source.description, params,
-                                    task.threads, ref=dtrain)
+                                    task.threads, ref=dtrain,
+                                    cache_prefix=cache and f"{cache}/eval")
             evals.append((deval, "eval"))
         evals_result: dict[str, Any] = {}
         callbacks = list(task.callbacks)

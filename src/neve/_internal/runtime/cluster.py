@@ -47,6 +47,8 @@ class NodeView:
     cpus: float
     gpus: float
     is_head: bool
+    #: bytes Ray lets tasks and actors use on this node (its "memory" resource)
+    memory: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,20 @@ def started_here() -> bool:
     return _started_here
 
 
+def single_node() -> bool:
+    """Whether this process's Ray cluster has one node (also when Ray is not running):
+    then a local folder is readable by every worker."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return True
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    return sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+
+
 def view() -> ClusterView:
     """The alive nodes and their resources (connects first if needed)."""
     import ray
@@ -168,6 +184,7 @@ def view() -> ClusterView:
                 cpus=float(resources.get("CPU", 0.0)),
                 gpus=float(resources.get("GPU", 0.0)),
                 is_head="node:__internal_head__" in resources,
+                memory=float(resources.get("memory", 0.0)),
             )
         )
     nodes.sort(key=lambda n: (not n.is_head, n.address, n.node_id))

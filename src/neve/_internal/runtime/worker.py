@@ -127,6 +127,9 @@ class WorkerActor:
             with _context.activate(ctx):
                 return fn(ctx)
         finally:
+            from neve._internal.data.spill import release_local_cache
+
             for port in list(_held_ports):
                 release_port(port)
+            release_local_cache()  # this run's local copies of the shard
             _give_memory_back()
