@@ -102,7 +102,8 @@ def test_train_xgboost_from_a_duckdb_table(credit: Path, tmp_path: Path, capsys)
     assert re.search(r"eval-auc 0\.[6-9]\d+", out), out
     model_dir = published(out)
     assert model_dir.parent == tmp_path / "stage" / "model"  # relative to the job file
-    assert sorted(p.name for p in model_dir.iterdir()) == ["meta.json", "model.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["_NEVE_COMPLETE", "meta.json",
+                                                           "model.json"]
     meta = json.loads((model_dir / "meta.json").read_text())
     assert meta["framework"] == "xgboost" and meta["inputs"] == FEATURES
     assert meta["categories"]["region"] == sorted(demo.REGIONS)  # the string column
@@ -234,7 +235,8 @@ def test_train_pytorch_mlp(credit: Path, tmp_path: Path, capsys) -> None:
     assert "pytorch MLP [16] (binary, 2 epochs, batch 256" in out
     assert re.search(r"epoch 2: train_loss \d\.\d+  eval_loss \d\.\d+  eval_auc 0\.\d+", out), out
     model_dir = published(out)
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["_NEVE_COMPLETE", "model.json",
+                                                           "model.pt"]
     model, meta = mlp.load(str(model_dir))
     assert meta["inputs"] == numeric and meta["objective"] == "binary"
     # Standardisation lives in the model: its means are the data's.
@@ -499,7 +501,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert auc > (0.6 if name == "pytorch" else 0.7), (name, out)
         location = Path(rows[name].group(5))
         assert location.parent == tmp_path / "stage" / "model"
-        assert {p.name for p in location.iterdir()} == files
+        assert {p.name for p in location.iterdir()} == {*files, "_NEVE_COMPLETE"}
     assert (tmp_path / "warehouse.duckdb").exists()
     assert (tmp_path / "warehouse_parquet" / "training_data.parquet").exists()
     assert re.search(r"^total \d+\.\d s \(warehouse", out, re.M)

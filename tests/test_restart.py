@@ -46,19 +46,20 @@ def _xgboost_killer(marker: Path, at_round: int):  # type: ignore[no-untyped-def
     return KillOnce()
 
 
-def test_xgboost_resumes_from_the_checkpoint_and_matches_an_uninterrupted_fit(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.parametrize("at_round", [0, 7])
+def test_xgboost_restarts_and_matches_an_uninterrupted_fit(tmp_path: Path, at_round: int) -> None:
+    """Killed before its first checkpoint (round 0: it starts over) or after one
+    (round 7: it goes on from round 6), with the default max_failures=1."""
     from neve.xgboost import XGBEstimator, XGBScalingConfig
 
-    kill_once = _xgboost_killer(tmp_path / "killed", at_round=7)
+    kill_once = _xgboost_killer(tmp_path / "killed", at_round=at_round)
 
     frame = make_frame(4_000, seed=5)
     scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
     plain = XGBEstimator(n_estimators=20, scaling_config=scaling)
     plain.fit(frame, INPUTS, "y", eval_set=frame)
     restarted = XGBEstimator(n_estimators=20, scaling_config=scaling, callbacks=[kill_once])
-    booster = restarted.fit(frame, INPUTS, "y", eval_set=frame, max_failures=1)
+    booster = restarted.fit(frame, INPUTS, "y", eval_set=frame)
 
     assert (tmp_path / "killed").exists()  # the worker really died once
     assert booster.num_boosted_rounds() == 20
@@ -69,10 +70,12 @@ def test_xgboost_resumes_from_the_checkpoint_and_matches_an_uninterrupted_fit(
     assert_no_reservations()
 
 
-def test_lightgbm_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at_round", [0, 6])
+def test_lightgbm_restarts_and_matches_an_uninterrupted_fit(tmp_path: Path,
+                                                            at_round: int) -> None:
     from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
 
-    should_die = _kill_rank_1_once(tmp_path / "killed", at_round=6)
+    should_die = _kill_rank_1_once(tmp_path / "killed", at_round=at_round)
 
     def kill_once(env) -> None:  # type: ignore[no-untyped-def]
         if should_die(env.iteration):
@@ -80,17 +83,20 @@ def test_lightgbm_resumes_from_the_checkpoint(tmp_path: Path) -> None:
 
     frame = make_frame(4_000, seed=6)
     scaling = LightGBMScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    plain = LightGBMEstimator(n_estimators=20, scaling_config=scaling)
+    plain.fit(frame, INPUTS, "y", eval_set=frame)
     estimator = LightGBMEstimator(n_estimators=20, scaling_config=scaling, callbacks=[kill_once])
     booster = estimator.fit(frame, INPUTS, "y", eval_set=frame, max_failures=2)
     assert (tmp_path / "killed").exists()
     assert booster.current_iteration() == 20
     history = estimator.get_eval_results()["eval"]["l2"]
     assert len(history) == 20
-    assert history[-1] < history[0] / 2
+    np.testing.assert_allclose(history, plain.get_eval_results()["eval"]["l2"], rtol=1e-6)
+    np.testing.assert_allclose(estimator.predict(frame), plain.predict(frame), rtol=1e-6)
     assert_no_reservations()
 
 
-def test_without_max_failures_a_lost_worker_fails_the_fit(tmp_path: Path) -> None:
+def test_with_max_failures_0_a_lost_worker_fails_the_fit(tmp_path: Path) -> None:
     from neve.xgboost import XGBEstimator, XGBScalingConfig
 
     kill_once = _xgboost_killer(tmp_path / "killed", at_round=3)
@@ -98,6 +104,54 @@ def test_without_max_failures_a_lost_worker_fails_the_fit(tmp_path: Path) -> Non
     estimator = XGBEstimator(n_estimators=10, callbacks=[kill_once],
                              scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
     with pytest.raises(WorkerError, match="rank 1") as info:
-        estimator.fit(make_frame(2_000), INPUTS, "y")
+        estimator.fit(make_frame(2_000), INPUTS, "y", max_failures=0)
     assert info.value.rank == 1
+    assert "No restart was tried: max_failures=0" in str(info.value)
+    assert_no_reservations()
+
+
+def test_when_every_restart_is_used_the_error_says_what_was_tried(tmp_path: Path) -> None:
+    """Rank 1 dies in every attempt: two restarts, then an error listing both."""
+    import xgboost as xgb
+
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    class AlwaysKill(xgb.callback.TrainingCallback):
+        def after_iteration(self, model, epoch, evals_log):  # type: ignore[no-untyped-def]
+            from neve._internal.context import current
+
+            ctx = current()
+            if ctx is not None and ctx.rank == 1 and epoch == 4:
+                os._exit(1)
+            return False
+
+    estimator = XGBEstimator(n_estimators=20, callbacks=[AlwaysKill()],
+                             scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
+    with pytest.raises(WorkerError) as info:
+        estimator.fit(make_frame(2_000), INPUTS, "y", max_failures=2)
+    message = str(info.value)
+    assert "Every restart was used (max_failures=2)" in message
+    assert "1. worker rank 1" in message and "2. worker rank 1" in message
+    assert "from the checkpoint at round 4" in message
+    assert_no_reservations()
+
+
+def test_an_exception_in_user_code_is_never_retried(tmp_path: Path) -> None:
+    import xgboost as xgb
+
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    calls = tmp_path / "calls"
+
+    class Raise(xgb.callback.TrainingCallback):
+        def after_iteration(self, model, epoch, evals_log):  # type: ignore[no-untyped-def]
+            with open(calls, "a") as handle:
+                handle.write("x")
+            raise ValueError("a bug in my callback")
+
+    estimator = XGBEstimator(n_estimators=5, callbacks=[Raise()],
+                             scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
+    with pytest.raises(WorkerError, match="a bug in my callback"):
+        estimator.fit(make_frame(1_000), INPUTS, "y", max_failures=3)
+    assert len(calls.read_text()) <= 2  # one attempt: each rank's callback ran at most once
     assert_no_reservations()

@@ -383,6 +383,23 @@ def test_idle_timeout_zero_means_no_pool(fresh: None, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.timeout(60)
+def test_on_a_cluster_neve_joined_nothing_stays_warm_unless_asked(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster, "_started_here", False)  # as after joining RAY_ADDRESS
+    monkeypatch.delenv("NEVE_WORKER_IDLE_TIMEOUT_S")
+    workers = group.acquire(TWO)
+    group.release(workers)
+    assert not workers.alive  # others on a shared cluster get the CPUs back at once
+    assert wait_until(lambda: free_cpus() == RAY_CPUS, 10)
+    monkeypatch.setenv("NEVE_WORKER_IDLE_TIMEOUT_S", "30")  # asked for: kept warm
+    workers = group.acquire(TWO)
+    group.release(workers)
+    assert workers.alive
+    group.shutdown_idle()
+
+
+@pytest.mark.timeout(60)
 def test_ctrl_c_while_placing_leaves_nothing_reserved(
     fresh: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

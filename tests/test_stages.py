@@ -36,15 +36,16 @@ def test_publish_writes_every_file_under_model_request_id(tmp_path: Path, where:
     url = str(tmp_path / "stage") if where == "local" else "memory://neve-test-stage"
     stage = stages.resolve(url)
     stages.check_writable(stage)
-    location = stages.publish(stage, "req-1", stages.pack(str(_model_dir(tmp_path))))
+    location = stages.publish(stage, "req-1", stages.LocalFiles(str(_model_dir(tmp_path))))
     assert location == f"{url}/model/req-1"
     fs, root = fsspec.core.url_to_fs(location)
     assert fs.cat_file(f"{root}/model.pt") == b"weights"
     assert fs.cat_file(f"{root}/sub/config.json") == b"{}"
+    assert stages.is_complete(location)
     siblings = [p.rsplit("/", 1)[-1] for p in fs.ls(root.rsplit("/", 1)[0], detail=False)]
     assert siblings == ["req-1"]  # no probe, no temporary left behind
     with pytest.raises(StageError, match="already exists"):
-        stages.publish(stage, "req-1", stages.pack(str(tmp_path / "model-dir")))
+        stages.publish(stage, "req-1", stages.LocalFiles(str(tmp_path / "model-dir")))
 
 
 def test_a_failed_publish_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
@@ -62,7 +63,7 @@ def test_a_failed_publish_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(type(fs), "open", flaky_open)
     with pytest.raises(StageError, match="disk full"):
-        stages.publish(stage, "req-2", stages.pack(str(_model_dir(tmp_path))))
+        stages.publish(stage, "req-2", stages.LocalFiles(str(_model_dir(tmp_path))))
     assert os.listdir(tmp_path / "stage" / "model") == []
 
 

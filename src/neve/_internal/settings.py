@@ -50,7 +50,8 @@ WORKER_START_TIMEOUT_S = Setting(
 WORKER_IDLE_TIMEOUT_S = Setting(
     "NEVE_WORKER_IDLE_TIMEOUT_S",
     60.0,
-    "how long a warm worker group waits for the next run before giving its resources back",
+    "how long a warm worker group waits for the next run before giving its resources back "
+    "(on a cluster neve joined rather than started: 0, unless set)",
 )
 COLLECTIVE_TIMEOUT_S = Setting(
     "NEVE_COLLECTIVE_TIMEOUT_S",
@@ -67,11 +68,29 @@ PLAN_TIMEOUT_S = Setting(
     120.0,
     "how long planning may wait for the cluster (counting a Ray Dataset's blocks, say)",
 )
+CHECKPOINT_TIMEOUT_S = Setting(
+    "NEVE_CHECKPOINT_TIMEOUT_S",
+    600.0,
+    "how long save_checkpoint() on rank 0 waits for the driver to commit the checkpoint",
+)
+CHECKPOINTS_KEEP = Setting(
+    "NEVE_CHECKPOINTS_KEEP",
+    2.0,
+    "how many of a run's latest checkpoints stay in its stage (older ones are pruned)",
+)
 BATCH_BYTES = Setting(
     "NEVE_BATCH_BYTES",
     float(64 << 20),
     "the size of each Arrow block the driver streams into Ray's object store",
 )
+
+
+def worker_idle_timeout_s(shared_cluster: bool) -> float:
+    """``NEVE_WORKER_IDLE_TIMEOUT_S``; unset, 60 s on neve's own local Ray and 0 (no
+    warm workers) on a cluster neve joined, whose CPUs and GPUs others may want."""
+    if os.environ.get(WORKER_IDLE_TIMEOUT_S.name):
+        return WORKER_IDLE_TIMEOUT_S.get()
+    return 0.0 if shared_cluster else WORKER_IDLE_TIMEOUT_S.default
 
 
 def data_dir() -> Path:

@@ -123,7 +123,7 @@ def publish_booster(framework: str, booster: Any, stage: Any, name: str,
         with open(os.path.join(folder, "meta.json"), "w") as handle:
             json.dump({"framework": framework, "model_file": model_file, **meta}, handle,
                       indent=2, default=str)
-        location = stages.publish(stage, name, stages.pack(folder))
+        location = stages.publish(stage, name, stages.LocalFiles(folder))
     return location, [model_file, "meta.json"]
 
 

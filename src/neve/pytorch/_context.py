@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from neve._internal import context as _context
-from neve._internal.runtime.worker import report
+from neve._internal import settings
+from neve._internal.runtime.worker import report, report_and_wait
+from neve.exceptions import StageError
 
 
 class MetricsReporter:
@@ -28,6 +30,28 @@ class MetricsReporter:
             self.history.append(entry)
         if self._rank == 0:
             report({"metrics": entry})
+
+
+class Checkpointer:
+    """A worker's checkpoint folder; rank 0 commits it through the driver."""
+
+    def __init__(self, rank: int, folder: str, seq: int) -> None:
+        self.rank = rank
+        self.folder = folder
+        self.seq = seq
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        self.seq += 1
+        timeout = settings.CHECKPOINT_TIMEOUT_S.get()
+        event = {"checkpoint": {"dir": self.folder, "seq": self.seq}}
+        if not report_and_wait(event, f"checkpoint-{self.seq}", timeout):
+            raise StageError(
+                f"the driver did not commit checkpoint {self.seq} within {timeout:g} s "
+                f"(NEVE_CHECKPOINT_TIMEOUT_S={timeout:g}); likely causes: a slow or "
+                "unreachable stage, or a very large checkpoint folder"
+            )
 
 
 class Context:
@@ -77,6 +101,22 @@ class Context:
 
     def get_model_dir(self) -> str:
         return self._worker.model_dir
+
+    def get_checkpoint_dir(self) -> str:
+        """A local folder: the run's latest checkpoint when this attempt started (empty
+        on the first); write the next one here and call :meth:`save_checkpoint`."""
+        return self._checkpointer().folder
+
+    def save_checkpoint(self) -> None:
+        """On rank 0: commit the checkpoint folder's files as the run's latest,
+        atomically, to ``<stage>/checkpoints/<request_id>/`` (returns once committed).
+        On other ranks: nothing."""
+        self._checkpointer().save()
+
+    def _checkpointer(self) -> Checkpointer:
+        checkpointer = self._worker.extras.get("checkpointer")
+        assert isinstance(checkpointer, Checkpointer)
+        return checkpointer
 
     def get_metrics_reporter(self) -> MetricsReporter:
         reporter = self._worker.extras.get("metrics_reporter")

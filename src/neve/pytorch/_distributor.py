@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -11,8 +12,9 @@ from typing import Any
 from neve._internal import stages
 from neve._internal.context import WorkerContext
 from neve._internal.progress import Progress
-from neve._internal.runtime import cluster, group
-from neve.exceptions import ConfigError
+from neve._internal.runtime import cluster, controller, group, transfer
+from neve._internal.runtime.placement import Layout
+from neve.exceptions import ConfigError, WorkerError
 from neve.pytorch._config import PyTorchScalingConfig, default_layout
 from neve.pytorch._worker import WorkerOutcome, entry
 
@@ -79,8 +81,18 @@ class PyTorchDistributor:
         dataset_map: Mapping[str, Any] | None = None,
         hyper_params: Mapping[str, Any] | None = None,
         artifact_stage_location: str | os.PathLike[str] | None = None,
+        max_failures: int = 1,
+        resume_from: str | None = None,
     ) -> PyTorchDistributorResult:
-        """Run ``train_func`` on every worker; publish what rank 0 saved in its model dir."""
+        """Run ``train_func`` on every worker; publish what rank 0 saved in its model dir.
+
+        A lost worker (killed, out of memory, its node gone) restarts every worker,
+        up to ``max_failures`` times (``0``: never); ``train_func`` finds the run's
+        latest checkpoint in ``get_context().get_checkpoint_dir()``. An exception
+        raised by ``train_func`` is never retried. ``resume_from`` (a request id, or
+        ``"latest"``) continues a run whose driver died from its last checkpoint in
+        ``<stage>/checkpoints/``; its model is published under the same request id.
+        """
         from neve.data import DataConnector
 
         for name, connector in (dataset_map or {}).items():
@@ -91,18 +103,60 @@ class PyTorchDistributor:
                 )
         if hyper_params is not None and not isinstance(hyper_params, Mapping):
             raise ConfigError(f"hyper_params must be a dict, got {type(hyper_params).__name__}")
+        if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+            raise ConfigError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         stage = stages.resolve(artifact_stage_location)
         stages.check_writable(stage)
+        if resume_from is not None:
+            store = stages.CheckpointStore.resume(stage, resume_from)
+        else:
+            store = stages.CheckpointStore(stage, stages.new_request_id())
 
         cluster.ensure_ray()
         view = cluster.view()
         layout = (self.scaling_config.layout() if self.scaling_config is not None
                   else default_layout(view))
         layout.check_feasible(view)
-        request_id = stages.new_request_id()
-        workers = group.acquire(layout)
+        connectors = list((dataset_map or {}).values())
+        run = _Run(self.train_func, layout, store, dict(hyper_params or {}),
+                   dict(dataset_map or {}))
+        logger.info("pytorch run %s: checkpoints go to %s", store.request_id, store.location)
+        with contextlib.ExitStack() as plans:  # the run's spills and snapshots go when it ends
+            for connector in connectors:
+                plans.enter_context(connector._plans_released_after())
+            try:
+                location, metrics = controller.run(run, max_failures=max_failures)
+            finally:
+                run.progress.close()
+        logger.info("model of run %s published to %s", store.request_id, location)
+        return PyTorchDistributorResult(location, store.request_id, metrics)
+
+
+class _Run(controller.Trainer):
+    """One PyTorchDistributor run, for the controller."""
+
+    name = "pytorch"
+
+    def __init__(self, train_func: Callable[[], Any], layout: Layout,
+                 store: stages.CheckpointStore, hyper_params: dict[str, Any],
+                 dataset_map: dict[str, Any]) -> None:
+        self.entry = entry(train_func)
+        self.layout = layout
+        self.store = store
+        self.hyper_params = hyper_params
+        self.dataset_map = dataset_map
+        self.metrics: list[dict[str, Any]] = []
+        self.progress = Progress(None, f"pytorch ({layout.num_workers} workers)",
+                                 unit="report")
+
+    def setup(self, workers: group.WorkerGroup, attempt: int) -> controller.Attempt:
         master_port = workers.call(0, "free_port")
-        backend = "cpu:gloo,cuda:nccl" if layout.gpus_per_worker else "gloo"
+        folders = [workers.call(rank, "scratch_folder", "checkpoint")
+                   for rank in range(workers.num_workers)]
+        latest = self.store.latest()
+        if latest is not None:  # every worker starts from the run's latest checkpoint
+            transfer.push(latest.files, workers, folders)
+        backend = "cpu:gloo,cuda:nccl" if self.layout.gpus_per_worker else "gloo"
         contexts = [
             WorkerContext(
                 rank=w.rank,
@@ -110,40 +164,49 @@ class PyTorchDistributor:
                 local_rank=w.local_rank,
                 local_world_size=w.local_world_size,
                 node_rank=w.node_rank,
-                num_nodes=layout.num_groups,
+                num_nodes=self.layout.num_groups,
                 master_addr=workers.workers[0].node_ip,
                 master_port=master_port,
-                default_backend="nccl" if layout.gpus_per_worker else "gloo",
-                run_id=request_id,
-                hyper_params=dict(hyper_params or {}),
-                dataset_map=dict(dataset_map or {}),
+                default_backend="nccl" if self.layout.gpus_per_worker else "gloo",
+                run_id=self.store.request_id,
+                hyper_params=self.hyper_params,
+                dataset_map=self.dataset_map,
                 extras={"cuda_visible_devices": _node_gpus(workers, w.node_id),
-                        "process_group_backend": backend},
+                        "process_group_backend": backend,
+                        "checkpoint_dir": folders[w.rank],
+                        "checkpoint_seq": latest.seq if latest is not None else 0},
             )
             for w in workers.workers
         ]
-        progress = Progress(None, f"pytorch ({workers.num_workers} workers)", unit="report")
-        reports = 0
+        return controller.Attempt(self.entry, contexts)
 
-        def on_events(events: list[Any]) -> None:
-            nonlocal reports
-            for event in events:
-                progress.step(reports, extra=event.get("metrics"))
-                reports += 1
+    def on_events(self, workers: group.WorkerGroup, events: list[Any]) -> None:
+        for event in events:
+            if "checkpoint" in event:  # rank 0 waits in save_checkpoint() until committed
+                seq = int(event["checkpoint"]["seq"])
+                files = transfer.WorkerFiles(workers, 0, event["checkpoint"]["dir"])
+                location = self.store.save(seq, files, {"seq": seq})
+                workers.call(0, "acknowledge", f"checkpoint-{seq}")
+                logger.debug("checkpoint %d committed to %s", seq, location)
+            if "metrics" in event:
+                self.metrics.append(event["metrics"])
+                self.progress.step(len(self.metrics) - 1, extra=event["metrics"])
 
+    def restart(self, error: WorkerError) -> str:
+        latest = self.store.latest()
+        return "from the start" if latest is None else f"from checkpoint {latest.seq}"
+
+    def finish(self, workers: group.WorkerGroup,
+               results: list[WorkerOutcome]) -> tuple[str, list[dict[str, Any]]]:
+        model_dir = results[0].model_dir
+        if model_dir is None:
+            raise WorkerError("rank 0 sent no model directory back", rank=0)
         try:
-            outcomes: list[WorkerOutcome] = workers.run(
-                entry(self.train_func), contexts, on_events=on_events
-            )
+            location = stages.publish(self.store.stage, self.store.request_id,
+                                      transfer.WorkerFiles(workers, 0, model_dir))
         finally:
-            progress.close()
-        group.release(workers)
-        packed = outcomes[0].packed_model
-        if packed is None:
-            raise RuntimeError("rank 0 sent no model directory back")
-        location = stages.publish(stage, request_id, packed)
-        logger.info("model of run %s published to %s", request_id, location)
-        return PyTorchDistributorResult(location, request_id, outcomes[0].metrics)
+            workers.call(0, "remove_tree", model_dir)
+        return location, self.metrics
 
 
 def _node_gpus(workers: group.WorkerGroup, node_id: str) -> str:

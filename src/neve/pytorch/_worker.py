@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from neve._internal import settings, stages
+from neve._internal import settings
 from neve._internal.context import WorkerContext, activate
-from neve.pytorch._context import MetricsReporter
+from neve.pytorch._context import Checkpointer, MetricsReporter
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,11 @@ TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_R
 
 @dataclass
 class WorkerOutcome:
-    """What a worker sends back: rank 0 adds its packed model directory."""
+    """What a worker sends back: rank 0 adds where its model directory is (the driver
+    then copies it to the stage, chunk by chunk, and removes it)."""
 
     metrics: list[dict[str, Any]]
-    packed_model: bytes | None
+    model_dir: str | None
 
 
 def torchrun_env(ctx: WorkerContext) -> dict[str, str]:
@@ -102,15 +103,20 @@ def entry(train_func: Callable[[], Any]) -> Callable[[WorkerContext], WorkerOutc
     def run(ctx: WorkerContext) -> WorkerOutcome:
         model_dir = tempfile.mkdtemp(prefix=f"neve-model-{ctx.run_id}-rank{ctx.rank}-")
         reporter = MetricsReporter(ctx.rank)
+        checkpointer = Checkpointer(ctx.rank, ctx.extras["checkpoint_dir"],
+                                    ctx.extras["checkpoint_seq"])
         full = replace(ctx, model_dir=model_dir,
-                       extras={**ctx.extras, "metrics_reporter": reporter})
+                       extras={**ctx.extras, "metrics_reporter": reporter,
+                               "checkpointer": checkpointer})
+        kept = False
         try:
             with _environment(torchrun_env(full)), activate(full), \
                     process_group(ctx.extras.get("process_group_backend", ctx.default_backend)):
                 train_func()
-            packed = stages.pack(model_dir) if ctx.rank == 0 else None
-            return WorkerOutcome(reporter.history, packed)
+            kept = ctx.rank == 0  # the driver takes it from here
+            return WorkerOutcome(reporter.history, model_dir if kept else None)
         finally:
-            shutil.rmtree(model_dir, ignore_errors=True)
+            if not kept:
+                shutil.rmtree(model_dir, ignore_errors=True)
 
     return run

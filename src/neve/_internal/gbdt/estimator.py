@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,13 +85,20 @@ class GBDTEstimator:
         group_col: str | None = None,
         early_stopping_rounds: int | None = None,
         init_model: Any = None,
-        max_failures: int = 0,
+        max_failures: int = 1,
         external_memory: bool | None = None,
+        checkpoint_stage: str | os.PathLike[str] | None = None,
+        resume_from: str | None = None,
     ) -> Any:
         """Train on every worker of the cluster and return the framework's Booster.
 
-        ``max_failures`` > 0 restarts every worker from rank 0's last checkpoint
-        (taken every tenth of the rounds) when a worker fails, up to that many times.
+        A lost worker (killed, out of memory, its node gone) restarts every worker
+        from rank 0's latest checkpoint (taken every tenth of the rounds), or from the
+        start, up to ``max_failures`` times (``0``: never). An exception raised by
+        your code or the framework is never retried.
+        ``checkpoint_stage`` also commits each checkpoint to
+        ``<stage>/checkpoints/<request_id>/``; a fit whose driver died continues from
+        there with the same call plus ``resume_from=<request_id>`` (or ``"latest"``).
         ``external_memory`` (XGBoost): each worker keeps its binned shard on local
         disk and streams it every round (``True``), in memory (``False``), or picks
         by the shard's size against the worker's share of its node's memory (``None``).
@@ -133,6 +141,8 @@ class GBDTEstimator:
             init_model=self._model_payload(init_model),
             max_failures=max_failures,
             external_memory=external_memory,
+            checkpoint_stage=checkpoint_stage,
+            resume_from=resume_from,
         )
         self._model = self._load(result.model)
         self._evals_result = result.evals_result

@@ -12,18 +12,21 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from neve._internal import stages
 from neve._internal.context import WorkerContext
 from neve._internal.data.fragments import Plan
 from neve._internal.data.resolve import PlanSource
 from neve._internal.gbdt.config import GBDTScalingConfig
 from neve._internal.gbdt.features import FeatureSpec, build_spec, with_categories
+from neve._internal.gbdt.trainer import GBDTTrainer, History
 from neve._internal.progress import Progress
-from neve._internal.runtime import cluster, group
+from neve._internal.runtime import cluster, controller, group
 from neve._internal.runtime.placement import Layout
-from neve.exceptions import ConfigError, EmptyDatasetError, WorkerError
+from neve._internal.stages import CheckpointStore
+from neve.exceptions import ConfigError, EmptyDatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +112,13 @@ class Backend(ABC):
         """Whether a failed attempt may be retried as a whole (e.g. a port race)."""
         return False
 
+    #: whether workers can keep their binned shard on local disk
+    has_external_memory: bool = False
+
     def external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
                         budget_bytes: float) -> bool:
         """Whether workers keep their binned shard on local disk (``asked``: the user's
         choice, ``None`` for automatic)."""
-        if asked:
-            raise ConfigError(f"{self.name} has no external-memory mode; leave "
-                              "external_memory out")
         return False
 
 
@@ -128,13 +131,6 @@ def _as_connector(data: Any, what: str) -> Any:
         return DataConnector.from_dataframe(data)
     except ConfigError as exc:
         raise ConfigError(f"{what} must be a DataConnector or a data frame: {exc}") from None
-
-
-def _worker_entry(backend: Backend, task: TrainTask) -> Callable[[WorkerContext], Any]:
-    def run(ctx: WorkerContext) -> Any:
-        return backend.train(task, ctx)
-
-    return run
 
 
 def fit(
@@ -153,12 +149,18 @@ def fit(
     verbose_eval: int | bool | None = None,
     callbacks: Sequence[Any] | None = None,
     init_model: Any = None,
-    max_failures: int = 0,
+    max_failures: int = 1,
     external_memory: bool | None = None,
+    checkpoint_stage: Any = None,
+    resume_from: str | None = None,
 ) -> TrainResult:
     """Fit on the cluster; return rank 0's model and evaluation history."""
     if early_stopping_rounds is not None and eval_set is None:
         raise ConfigError("early_stopping_rounds needs an eval_set to watch; pass eval_set=...")
+    if external_memory and not backend.has_external_memory:
+        raise ConfigError(f"{backend.name} has no external-memory mode; leave "
+                          "external_memory out")
+    store, history = _checkpoints(backend, checkpoint_stage, resume_from, init_model)
     if isinstance(verbose_eval, bool):
         verbose_every = 1 if verbose_eval else None
     elif verbose_eval is None:
@@ -192,7 +194,36 @@ def fit(
                             verbose_every=verbose_every, callbacks=callbacks,
                             init_model=init_model, max_failures=max_failures,
                             external_memory=external_memory,
-                            budget=_memory_per_worker(view, layout))
+                            budget=_memory_per_worker(view, layout),
+                            store=store, history=history)
+
+
+def _checkpoints(backend: Backend, stage: Any, resume_from: str | None,
+                 init_model: Any) -> tuple[CheckpointStore | None, History]:
+    """Where this fit's checkpoints go, and what it starts from (a resumed run's latest)."""
+    if resume_from is not None and stage is None:
+        raise ConfigError("resume_from needs the checkpoint_stage the interrupted fit "
+                          "wrote to: pass checkpoint_stage=... too")
+    if resume_from is not None and init_model is not None:
+        raise ConfigError("pass init_model or resume_from, not both: a resumed fit starts "
+                          "from its own latest checkpoint")
+    if stage is None:
+        return None, History()
+    target = stages.resolve(stage)
+    if resume_from is None:
+        stages.check_writable(target)
+        store = CheckpointStore(target, f"{backend.name}-{stages.new_request_id()}")
+        logger.info("%s: checkpoints of this fit go to %s (after a crash, resume with "
+                    "fit(..., checkpoint_stage=%r, resume_from=%r))", backend.name,
+                    store.location, str(stage), store.request_id)
+        return store, History()
+    store = CheckpointStore.resume(target, resume_from)
+    latest = store.latest()
+    assert latest is not None
+    history = History.from_checkpoint(latest)
+    logger.info("%s: resuming %s from its checkpoint at round %d", backend.name,
+                store.request_id, history.rounds_done)
+    return store, history
 
 
 def _memory_per_worker(view: cluster.ClusterView, layout: Layout) -> float:
@@ -207,7 +238,8 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
                  early_stopping_rounds: int | None, verbose_every: int | None,
                  callbacks: Sequence[Any] | None, init_model: Any,
                  max_failures: int, external_memory: bool | None,
-                 budget: float) -> TrainResult:
+                 budget: float, store: CheckpointStore | None,
+                 history: History) -> TrainResult:
     # Ranking groups must not be cut: their shards need exact row counts.
     train_plan = train._plan_for_workers(spec.columns, sized=spec.group_col is not None)
     spec = with_categories(spec, train._source, train_plan)
@@ -231,7 +263,7 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
 
     task = TrainTask(
         params=dict(params),
-        num_boost_round=num_boost_round,
+        num_boost_round=num_boost_round - history.rounds_done,
         spec=spec,
         train=train_plan,
         eval=eval_plan,
@@ -240,112 +272,23 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
         callbacks=list(callbacks or []),
         threads=max(int(layout.cpus_per_worker), 1),
         use_gpu=bool(layout.gpus_per_worker),
-        init_model=init_model,
+        init_model=history.checkpoint if history.checkpoint is not None else init_model,
+        round_offset=history.rounds_done,
+        # Checkpoints for restarts (every tenth of the rounds) when a failure may be retried
+        checkpoint_every=max(1, num_boost_round // 10) if max_failures or store else 0,
         external_memory=backend.external_memory(
             external_memory, -(-train_plan.estimated_rows // layout.num_workers),
             len(spec.input_cols), budget),
     )
-    if max_failures > 0:
-        task = replace(task, checkpoint_every=max(1, num_boost_round // 10))
+    if task.num_boost_round <= 0:  # resumed from a checkpoint of the last round
+        return TrainResult(history.checkpoint, history.merged({}, history.rounds_done),
+                           spec=spec)
     progress = Progress(num_boost_round, f"{backend.name} ({layout.num_workers} workers)",
                         verbose_every=verbose_every)
-    resume = _Resume()
-    failures = port_retries = 0
+    trainer = GBDTTrainer(backend, task, layout, progress, history, store)
     try:
-        while True:
-            try:
-                result = _run_once(backend, task, layout, progress, resume)
-                break
-            except WorkerError as exc:
-                first_line = str(exc).splitlines()[0]
-                if backend.retryable(exc) and port_retries < 2:
-                    port_retries += 1
-                    logger.warning("%s: %s; retrying", backend.name, first_line)
-                    continue
-                if failures >= max_failures or resume.checkpoint is None:
-                    raise
-                failures += 1
-                logger.warning(
-                    "%s: %s; restarting every worker from the checkpoint at round %d "
-                    "(failure %d of max_failures=%d)", backend.name, first_line,
-                    resume.rounds_done, failures, max_failures,
-                )
-                task = replace(
-                    task,
-                    init_model=resume.checkpoint,
-                    num_boost_round=num_boost_round - resume.rounds_done,
-                    round_offset=resume.rounds_done,
-                )
-                resume.truncate()
+        result: TrainResult = controller.run(trainer, max_failures=max_failures)
     finally:
-        progress.finish(resume.last.get("iteration"), resume.last.get("metrics"))
-    result.evals_result = resume.merged(result.evals_result, task.round_offset)
+        progress.finish(history.last.get("iteration"), history.last.get("metrics"))
     result.spec = spec
-    return result
-
-
-@dataclass
-class _Resume:
-    """What the driver keeps of a run in flight: metrics so far and the last checkpoint."""
-
-    checkpoint: Any = None
-    rounds_done: int = 0
-    history: list[dict[str, dict[str, float]]] = field(default_factory=list)
-    last: dict[str, Any] = field(default_factory=dict)
-
-    def record(self, event: dict[str, Any]) -> None:
-        self.last = event
-        del self.history[event["iteration"]:]
-        self.history.append(event.get("metrics") or {})
-        if "checkpoint" in event:
-            self.checkpoint = event["checkpoint"]
-            self.rounds_done = event["iteration"] + 1
-
-    def truncate(self) -> None:
-        del self.history[self.rounds_done:]
-
-    def merged(self, tail: dict[str, dict[str, list[float]]],
-               offset: int) -> dict[str, dict[str, list[float]]]:
-        """The rounds before a restart (from events) followed by the last attempt's."""
-        if offset == 0:
-            return tail
-        out: dict[str, dict[str, list[float]]] = {}
-        for metrics in self.history[:offset]:
-            for data, values in metrics.items():
-                for name, value in values.items():
-                    out.setdefault(data, {}).setdefault(name, []).append(value)
-        for data, log in tail.items():
-            for name, series in log.items():
-                out.setdefault(data, {}).setdefault(name, []).extend(series)
-        return out
-
-
-def _run_once(backend: Backend, task: TrainTask, layout: Layout, progress: Progress,
-              resume: _Resume) -> TrainResult:
-    workers = group.acquire(layout)
-    try:
-        collective, close = backend.start_collective(workers)
-    except BaseException:  # a group that never ran must not keep its CPUs
-        workers.shutdown()
-        raise
-    task = replace(task, collective=collective)
-
-    def on_events(events: list[Any]) -> None:
-        for event in events:
-            resume.record(event)
-            progress.step(event["iteration"], event.get("metrics"))
-
-    contexts = [
-        WorkerContext(rank=w.rank, world_size=workers.num_workers, local_rank=w.local_rank,
-                      local_world_size=w.local_world_size, node_rank=w.node_rank)
-        for w in workers.workers
-    ]
-    try:
-        results = workers.run(_worker_entry(backend, task), contexts, on_events=on_events)
-    finally:
-        close()
-    group.release(workers)
-    result = results[0]
-    if not isinstance(result, TrainResult):
-        raise WorkerError("rank 0 returned no model", rank=0)
     return result

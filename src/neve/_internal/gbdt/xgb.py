@@ -4,6 +4,7 @@ a QuantileDMatrix streamed from the shard's Arrow batches, the unchanged ``xgb.t
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from neve._internal.gbdt.features import (
 from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, report
+
+logger = logging.getLogger(__name__)
 
 try:
     import xgboost as xgb
@@ -129,14 +132,21 @@ EXTERNAL_MEMORY_SHARE = 0.5
 
 class XGBoostBackend(Backend):
     name = "xgboost"
+    has_external_memory = True
 
     def external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
                         budget_bytes: float) -> bool:
         if asked is not None:
             return bool(asked)
-        if budget_bytes <= 0:
+        need = in_memory_bytes(rows_per_worker, features)
+        if budget_bytes <= 0 or need <= EXTERNAL_MEMORY_SHARE * budget_bytes:
             return False
-        return in_memory_bytes(rows_per_worker, features) > EXTERNAL_MEMORY_SHARE * budget_bytes
+        logger.info(
+            "xgboost: external memory (a worker's in-memory matrix would take ~%.1f GiB, more "
+            "than %.0f%% of its %.1f GiB share of its node): binned pages go to local disk; "
+            "fit(..., external_memory=False) keeps them in memory",
+            need / 2**30, 100 * EXTERNAL_MEMORY_SHARE, budget_bytes / 2**30)
+        return True
 
     def start_collective(
         self, workers: group.WorkerGroup

@@ -6,7 +6,8 @@ A worker that raises or dies stops the whole group at once (the survivors may be
 blocked in a collective) and the error names its rank. A group whose run ended
 well goes back to the warm pool, so the next run of the same shape skips process
 start and imports; an idle pool gives its resources back after
-``NEVE_WORKER_IDLE_TIMEOUT_S`` and at interpreter exit.
+``NEVE_WORKER_IDLE_TIMEOUT_S`` and at interpreter exit. On a cluster neve joined
+(rather than started) nothing stays warm unless that setting asks for it.
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ class WorkerGroup:
         return len(self._actors)
 
     @property
+    def actors(self) -> list[Any]:
+        """The worker actors, in rank order."""
+        return list(self._actors)
+
+    @property
     def alive(self) -> bool:
         return self._pg is not None and bool(self._actors)
 
@@ -266,12 +272,10 @@ class WorkerGroup:
                 f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank
             ) from exc
         except ray.exceptions.RayActorError as exc:
+            node = f"node {info.node_ip} (id {info.node_id[:8]})"
             raise WorkerLostError(
-                f"{where} died: {exc}. Likely causes: the process ran out of memory, was "
-                "killed, or a native library aborted (LightGBM aborts a worker whose peer "
-                "is gone). Every worker was stopped.",
-                rank=rank,
-            ) from exc
+                f"worker rank {rank} ({node}, pid {info.pid}) {death_cause(exc)}. Every worker "
+                "was stopped.", rank=rank) from exc
 
     def shutdown(self) -> None:
         """Kill every actor and remove the placement group (idempotent)."""
@@ -287,6 +291,28 @@ class WorkerGroup:
             with contextlib.suppress(Exception):  # already removed
                 remove_placement_group(pg)
         _pool.forget(self)
+
+
+def death_cause(error: Any) -> str:
+    """What happened to a worker process, from what Ray reports of its death."""
+    text = " ".join(str(getattr(error, "error_msg", None) or error).split())
+    lowered = text.lower()
+    detail = ""
+    for marker in ("worker exit detail:", "the actor's node was", "node id:"):
+        at = lowered.find(marker)
+        if at >= 0:
+            detail = text[at:].split(". ")[0].strip()
+            break
+    said = f" (Ray: {detail})" if detail else ""
+    if "node has died" in lowered or "node died" in lowered or "node was terminated" in lowered:
+        return f"was lost with its node{said}"
+    if "memory monitor" in lowered or "low on memory" in lowered:
+        return f"was killed by Ray's memory monitor: its node ran low on memory{said}"
+    if "intended" in lowered and "exit" in lowered:
+        return f"exited{said}"
+    return (f"died{said}; likely causes: killed by a signal (SIGKILL) or the kernel's "
+            "out-of-memory killer, or a crash in native code (LightGBM aborts a worker "
+            "whose peer is gone)")
 
 
 class _EventPump:
@@ -362,7 +388,7 @@ class _Pool:
             return False
 
     def release(self, group: WorkerGroup) -> None:
-        idle_s = settings.WORKER_IDLE_TIMEOUT_S.get()
+        idle_s = settings.worker_idle_timeout_s(shared_cluster=not cluster.started_here())
         if not group.alive or idle_s <= 0:
             group.shutdown()
             return

@@ -34,6 +34,30 @@ def drain() -> list[Any]:
     return out
 
 
+_acks: dict[str, threading.Event] = {}
+
+
+def report_and_wait(event: Any, key: str, timeout_s: float) -> bool:
+    """Queue an event for the driver and wait until it calls back with ``key``
+    (a checkpoint it has committed); ``False`` when that took longer than ``timeout_s``."""
+    done = threading.Event()
+    with _events_lock:
+        _acks[key] = done
+    report(event)
+    try:
+        return done.wait(timeout_s)
+    finally:
+        with _events_lock:
+            _acks.pop(key, None)
+
+
+def acknowledged(key: str) -> None:
+    with _events_lock:
+        waiting = _acks.get(key)
+    if waiting is not None:
+        waiting.set()
+
+
 @contextlib.contextmanager
 def quiet_native_output() -> Iterator[None]:
     """Silence what native code writes to fd 1 and 2 for a short block (banners)."""
@@ -120,6 +144,39 @@ class WorkerActor:
 
     def poll(self) -> list[Any]:
         return drain()
+
+    # -- files, moved in chunks by the driver (models, checkpoints) ------------------------
+
+    def listing(self, folder: str) -> list[tuple[str, int]]:
+        from neve._internal.stages import LocalFiles
+
+        return LocalFiles(folder).listing()
+
+    def read_chunk(self, path: str, offset: int, size: int) -> bytes:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+    def write_chunk(self, path: str, offset: int, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "r+b" if offset else "wb") as handle:
+            handle.seek(offset)
+            handle.write(data)
+
+    def scratch_folder(self, kind: str) -> str:
+        """A local folder for the next run on this worker, removed when that run ends."""
+        from neve._internal.data.spill import run_folder
+
+        return run_folder(kind).path
+
+    def remove_tree(self, path: str) -> None:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+    def acknowledge(self, key: str) -> None:
+        """Wake what waits in this worker for the driver to finish ``key``."""
+        acknowledged(key)
 
     def run(self, fn: Callable[[_context.WorkerContext], Any], ctx: _context.WorkerContext) -> Any:
         drain()

@@ -1,0 +1,170 @@
+"""How GBDT fits read their data at scale: categories where the rows live, ranking
+groups kept whole, external memory, and shards that hold no rows."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_frame
+from neve._internal.data.fragments import Plan, TableFragment
+from neve._internal.data.plans import plan_for_workers
+from neve._internal.data.sources import ArrowSource
+from neve._internal.gbdt import features
+from neve.data import DataConnector
+from neve.exceptions import ColumnTypeError
+
+INPUTS = ["f0", "f1", "f2", "f3"]
+
+
+def _with_city(rows: int, seed: int = 0) -> pd.DataFrame:
+    frame = make_frame(rows, seed=seed)
+    frame["city"] = np.array(["oslo", "rome", "lima", None], dtype=object)[frame["id"] % 4]
+    return frame
+
+
+def _no_streaming(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
+    def refuse(self: Any, columns: Any) -> Any:
+        raise AssertionError(f"the driver streamed {self.description}")
+
+    monkeypatch.setattr(cls, "stream", refuse)
+
+
+def test_categories_come_from_select_distinct_in_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from neve._internal.data.sql import DuckDBSource
+
+    con = duckdb.connect()
+    frame = _with_city(3_000)  # noqa: F841 - read by DuckDB's replacement scan
+    con.execute("CREATE TABLE t AS SELECT * FROM frame")
+    connector = DataConnector.from_dataframe(con.table("t"))
+    spec = features.build_spec(connector.schema, ["f0", "city"], "y", None, None, "t")
+    _no_streaming(monkeypatch, DuckDBSource)
+    found = features.with_categories(spec, connector._source, Plan([], connector.schema))
+    assert found.categories == {"city": ("lima", "oslo", "rome")}
+
+
+def test_categories_of_files_are_found_by_tasks_not_the_driver(
+    tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neve._internal.data.files import FileSource
+
+    table = pa.Table.from_pandas(_with_city(5_000), preserve_index=False)
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=700)
+    connector = DataConnector.from_sources(tmp_path / "rows.parquet")
+    spec = features.build_spec(connector.schema, ["f0", "city"], "y", None, None, "rows")
+    plan = connector._plan_for_workers(spec.columns)
+    _no_streaming(monkeypatch, FileSource)
+    found = features.with_categories(spec, connector._source, plan)
+    assert found.categories == {"city": ("lima", "oslo", "rome")}
+
+
+def test_too_many_categories_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(features, "MAX_CATEGORIES", 10)
+    frame = make_frame(100)
+    frame["note"] = [f"free text {i}" for i in range(100)]
+    source = ArrowSource(pa.Table.from_pandas(frame, preserve_index=False))
+    spec = features.build_spec(source.schema(), ["f0", "note"], "y", None, None, "frame")
+    with pytest.raises(ColumnTypeError, match="'note' holds more than 10 distinct strings"):
+        features.with_categories(spec, source, Plan([], source.schema()))
+
+
+# -- ranking groups -----------------------------------------------------------------------
+
+
+def _grouped(sizes: list[int]) -> Plan:
+    qid = np.repeat(np.arange(len(sizes)), sizes)
+    table = pa.table({"qid": qid, "row": np.arange(len(qid))})
+    cuts = [0, 7, 8, 30, len(qid)]  # fragments that groups straddle
+    return Plan([TableFragment(table.slice(a, b - a)) for a, b in itertools.pairwise(cuts)],
+                table.schema)
+
+
+def _qids(plan: Plan, rank: int, world: int) -> list[int]:
+    pieces = plan.shard(rank, world, group_col="qid")
+    return [q for p in pieces for b in p.read(["qid"]) for q in b.column(0).to_pylist()]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 7])
+def test_shards_cut_where_a_query_group_ends(world: int) -> None:
+    sizes = [5, 1, 9, 3, 3, 12, 2, 1, 6, 4]
+    plan = _grouped(sizes)
+    shards = [_qids(plan, rank, world) for rank in range(world)]
+    assert sorted(q for s in shards for q in s) == sorted(np.repeat(range(10), sizes))
+    owners: dict[int, set[int]] = {}
+    for rank, shard in enumerate(shards):
+        for q in shard:
+            owners.setdefault(q, set()).add(rank)
+    assert all(len(r) == 1 for r in owners.values()), "a query group spans two shards"
+    assert plan.group_boundary(6, "qid") == 6 and plan.group_boundary(7, "qid") == 15
+
+
+def test_a_ranking_fit_keeps_groups_whole(ray_session: None) -> None:
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    rng = np.random.default_rng(0)
+    qid = np.repeat(np.arange(301), 7)[:2_000]  # the even cut at row 1,000 splits group 142
+    frame = pd.DataFrame({"f0": rng.normal(size=2_000), "qid": qid})
+    frame["rel"] = (frame["f0"] > 0).astype(np.int64)
+    plan = plan_for_workers(ArrowSource(pa.Table.from_pandas(frame)), ["qid"], sized=True)
+    assert plan.shard(0, 2, group_col="qid")[-1].stop == 1_001  # moved to the group's end
+    estimator = XGBEstimator(n_estimators=5, params={"objective": "rank:pairwise"},
+                             scaling_config=XGBScalingConfig(num_workers=2))
+    estimator.fit(frame, ["f0"], "rel", group_col="qid")
+    assert len(estimator.predict(frame)) == 2_000
+
+
+# -- xgboost's external memory -----------------------------------------------------------
+
+
+def test_external_memory_trains_the_same_model(ray_session: None) -> None:
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    frame = make_frame(20_000, seed=4)
+    scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    histories = []
+    for external in (False, True):
+        estimator = XGBEstimator(n_estimators=8, scaling_config=scaling)
+        estimator.fit(frame, INPUTS, "y", eval_set=frame, external_memory=external)
+        histories.append(estimator.get_eval_results()["eval"]["rmse"])
+    np.testing.assert_allclose(histories[0], histories[1], rtol=1e-6)
+
+
+def test_external_memory_is_chosen_when_the_shard_would_not_fit(
+    ray_session: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from neve._internal.gbdt import xgb as backend
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    frame = make_frame(5_000)
+    with caplog.at_level(logging.INFO, logger="neve"):
+        XGBEstimator(n_estimators=2, scaling_config=scaling).fit(frame, INPUTS, "y")
+    assert "external memory" not in caplog.text
+    monkeypatch.setattr(backend, "EXTERNAL_MEMORY_SHARE", 1e-9)  # nothing fits now
+    with caplog.at_level(logging.INFO, logger="neve"):
+        XGBEstimator(n_estimators=2, scaling_config=scaling).fit(frame, INPUTS, "y")
+    assert "xgboost: external memory" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neve"):  # forced off: no question asked
+        XGBEstimator(n_estimators=2, scaling_config=scaling).fit(frame, INPUTS, "y",
+                                                                 external_memory=False)
+    assert "external memory" not in caplog.text
+
+
+def test_lightgbm_has_no_external_memory() -> None:
+    from neve.exceptions import ConfigError
+    from neve.lightgbm import LightGBMEstimator
+
+    with pytest.raises(ConfigError, match="lightgbm has no external-memory mode"):
+        LightGBMEstimator().fit(make_frame(100), INPUTS, "y", external_memory=True)
