@@ -19,7 +19,11 @@
     └── ContextError                 a per-worker API was called outside a run
 
 Errors from DuckDB, pyarrow, ADBC, fsspec, Ray, xgboost and LightGBM are raised
-``from`` the original, so ``__cause__`` keeps the library's own message.
+``from`` the original, so ``__cause__`` keeps the library's own message. Two
+exceptions to that rule, both to show the user one error instead of three: a
+worker's failure (its message carries the remote traceback of the user's code;
+``WorkerError.remote`` holds the remote exception) and a failure to join a Ray
+cluster (its message carries Ray's own reason).
 """
 
 from __future__ import annotations
@@ -91,11 +95,17 @@ class WorkerStartTimeoutError(ClusterError):
 
 
 class WorkerError(NeveError):
-    """A worker raised or died; the message carries its rank and remote traceback."""
+    """A worker raised or died; the message carries its rank and remote traceback.
 
-    def __init__(self, message: str, rank: int | None = None) -> None:
+    ``remote`` is the exception the worker raised, where it could be brought back
+    (its traceback is the text in the message); it does not survive pickling.
+    """
+
+    def __init__(self, message: str, rank: int | None = None,
+                 remote: BaseException | None = None) -> None:
         super().__init__(message)
         self.rank = rank
+        self.remote = remote
 
     def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
         return (type(self), (str(self.args[0]), self.rank))

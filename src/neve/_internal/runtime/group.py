@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from typing import Any
 
 from neve._internal import settings
 from neve._internal.context import WorkerContext
-from neve._internal.runtime import cluster
+from neve._internal.runtime import cluster, tracebacks
 from neve._internal.runtime.placement import Layout
 from neve._internal.runtime.worker import WorkerActor
 from neve.exceptions import (
@@ -39,7 +38,6 @@ from neve.exceptions import (
 logger = logging.getLogger(__name__)
 
 _group_ids = itertools.count()
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -249,6 +247,11 @@ class WorkerGroup:
         return first
 
     def _result(self, ref: Any, rank: int) -> Any:
+        """Rank ``rank``'s result, or its failure as neve's error, told once.
+
+        Raised ``from None``: Ray's own exception would print the remote traceback a
+        second time, with Ray's frames and colour codes, above neve's.
+        """
         import ray
 
         info = self.workers[rank]
@@ -259,19 +262,20 @@ class WorkerGroup:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, (DataError, ConfigError)):
                 # Errors about the user's data keep their type; the rank is added.
-                raise type(cause)(f"{where}: {cause}") from exc
+                raise type(cause)(f"{where}: {cause}") from None
             summary = f"{type(cause).__name__}: {cause}" if cause is not None else "error"
-            trace = _ANSI.sub("", getattr(exc, "traceback_str", "") or str(exc)).strip()
+            trace = tracebacks.user_traceback(getattr(exc, "traceback_str", "") or str(exc))
             raise WorkerError(
-                f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank
-            ) from exc
+                f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank,
+                remote=cause,
+            ) from None
         except ray.exceptions.RayActorError as exc:
             raise WorkerLostError(
-                f"{where} died: {exc}. Likely causes: the process ran out of memory, was "
-                "killed, or a native library aborted (LightGBM aborts a worker whose peer "
-                "is gone). Every worker was stopped.",
+                f"{where} died: {tracebacks.actor_death(exc)}. Likely causes: the process ran "
+                "out of memory, was killed, or a native library aborted (LightGBM aborts a "
+                "worker whose peer is gone). Every worker was stopped.",
                 rank=rank,
-            ) from exc
+            ) from None
 
     def shutdown(self) -> None:
         """Kill every actor and remove the placement group (idempotent)."""
