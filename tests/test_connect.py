@@ -172,6 +172,23 @@ def test_ray_client_addresses_need_ray_client(http2_server: int) -> None:
         pytest.skip("ray[client] is installed here")
 
 
+def test_a_driver_outside_the_cluster_is_told_where_to_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray._private import services
+
+    monkeypatch.setattr(services, "find_node_ids", lambda: [])  # no raylet on this machine
+    with pytest.raises(ClusterError) as info:
+        connect.require_local_node(connect.Target("head-node:6379", "head-node", 6379, False))
+    message = str(info.value)
+    assert "a driver joins the GCS through a Ray node on its own machine, and none runs here" \
+        in message
+    assert "ray start --address=head-node:6379" in message
+    assert "RAY_ADDRESS=ray://head-node:10001 (pip install 'neve[client]')" in message
+    monkeypatch.setattr(services, "find_node_ids", lambda: ["ab12"])
+    connect.require_local_node(connect.Target("head-node:6379", "head-node", 6379, False))
+
+
 def test_addresses_are_parsed() -> None:
     assert connect.parse("10.0.0.1:6379") == connect.Target("10.0.0.1:6379", "10.0.0.1",
                                                              6379, False)

@@ -14,7 +14,10 @@ one that never completes a handshake failed after 22 s under 20 log lines and a
 3. (plain ``host:port`` only) Ray's own GCS client, in a child process killed at
    the deadline: a missing or wrong token (Ray 2.60 turns token authentication on)
    or another gRPC service is named;
-4. ``ray.init`` with Ray's own retries capped by what is left, its C++ log lines
+4. (plain ``host:port`` only) a Ray node on this machine: a driver joins the GCS
+   through its own node's raylet, and Ray looks for one for 60 s before failing;
+   a driver outside the cluster is told to use ``ray://`` or ``ray start --address``;
+5. ``ray.init`` with Ray's own waits capped by what is left, its C++ log lines
    (written to file descriptor 2) kept off the terminal.
 """
 
@@ -96,6 +99,7 @@ def join(address: str, init_kwargs: Mapping[str, object]) -> None:
             _require_ray_client(address)
         else:
             check_gcs(target, deadline)
+            require_local_node(target)
     _init(address, init_kwargs, deadline)
 
 
@@ -268,7 +272,30 @@ def _auth_message(address: str) -> str:
     return f"cannot join the Ray cluster at {address}: {problem}. See docs/cluster.md"
 
 
-# -- 4: ray.init, bounded, its native log kept off the terminal ------------------------------
+# -- 4: a Ray node on this machine ----------------------------------------------------------
+
+
+def require_local_node(target: Target) -> None:
+    """Fail at once when no Ray node (raylet) runs on this machine to join the GCS through."""
+    try:
+        from ray._private import services
+
+        nodes = services.find_node_ids()
+    except Exception as exc:  # Ray's internals moved: ray.init reports what it finds
+        logger.debug("local Ray nodes not looked for: %s", exc)
+        return
+    if nodes:
+        return
+    raise ClusterError(
+        f"cannot join the Ray cluster at {target.address} from here: a driver joins the GCS "
+        "through a Ray node on its own machine, and none runs here. Run the driver on a node "
+        f"of the cluster, make this machine one (ray start --address={target.host}:"
+        f"{target.port}), or join through Ray Client: RAY_ADDRESS=ray://{target.host}:"
+        f"{CLIENT_PORT} (pip install 'neve[client]'). See docs/cluster.md"
+    )
+
+
+# -- 5: ray.init, bounded, its native log kept off the terminal ------------------------------
 
 
 def _init(address: str, init_kwargs: Mapping[str, object], deadline: Deadline) -> None:
@@ -276,7 +303,8 @@ def _init(address: str, init_kwargs: Mapping[str, object], deadline: Deadline) -
 
     # Ray's Python loop tries the GCS once a second, 20 times by default: cap it.
     wait = str(max(1, math.ceil(deadline.left())))
-    with _env("RAY_gcs_server_port_wait_time_s", wait), _native_log() as log:
+    with _env("RAY_gcs_server_port_wait_time_s", wait), _node_lookup_within(deadline), \
+            _native_log() as log:
         try:
             ray.init(address=address, **init_kwargs)  # type: ignore[arg-type]
             return
@@ -291,6 +319,32 @@ def _init(address: str, init_kwargs: Mapping[str, object], deadline: Deadline) -
                 failure = (f"could not join the Ray cluster at {address}: {reason}"
                            + (f" (Ray: {native})" if native else "") + f". {_WHERE}")
     raise ClusterError(failure)
+
+
+@contextlib.contextmanager
+def _node_lookup_within(deadline: Deadline) -> Iterator[None]:
+    """Cap Ray's search for this machine's node at what is left of the deadline.
+
+    A patch of Ray's own function, for the length of ``ray.init`` only: its timeout is
+    a default argument bound at import (60 s), which no setting reaches.
+    """
+    try:
+        from ray._private import services
+
+        original = services.get_node_to_connect_for_driver
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def bounded(*args: object, **kwargs: object) -> object:
+        kwargs.setdefault("timeout_seconds", max(1, math.ceil(deadline.left())))
+        return original(*args, **kwargs)
+
+    services.get_node_to_connect_for_driver = bounded
+    try:
+        yield
+    finally:
+        services.get_node_to_connect_for_driver = original
 
 
 @contextlib.contextmanager
