@@ -6,15 +6,19 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neve._internal import stages
 from neve._internal.context import WorkerContext
 from neve._internal.progress import Progress
 from neve._internal.runtime import cluster, group
+from neve._internal.signatures import checked_keywords
 from neve.exceptions import ConfigError
 from neve.pytorch._config import PyTorchScalingConfig, default_layout
 from neve.pytorch._worker import WorkerOutcome, entry
+
+if TYPE_CHECKING:
+    from neve.data import DataConnector
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class PyTorchDistributorResult:
         return merged
 
 
+@checked_keywords()
 class PyTorchDistributor:
     """Distributed PyTorch with Snowflake's ``PyTorchDistributor`` API.
 
@@ -76,12 +81,13 @@ class PyTorchDistributor:
     def run(
         self,
         *,
-        dataset_map: Mapping[str, Any] | None = None,
+        dataset_map: Mapping[str, DataConnector] | None = None,
         hyper_params: Mapping[str, Any] | None = None,
         artifact_stage_location: str | os.PathLike[str] | None = None,
     ) -> PyTorchDistributorResult:
         """Run ``train_func`` on every worker; publish what rank 0 saved in its model dir."""
         from neve.data import DataConnector
+        from neve.data._connector import check_for_workers
 
         for name, connector in (dataset_map or {}).items():
             if not isinstance(connector, DataConnector):
@@ -99,7 +105,8 @@ class PyTorchDistributor:
         layout = (self.scaling_config.layout() if self.scaling_config is not None
                   else default_layout(view))
         layout.check_feasible(view)
-        request_id = stages.new_request_id()
+        check_for_workers(dataset_map or {}, layout.num_workers)  # warnings, on the driver
+        request_id = f"pytorch-{stages.new_request_id()}"  # named as GBDT models are
         workers = group.acquire(layout)
         master_port = workers.call(0, "free_port")
         backend = "cpu:gloo,cuda:nccl" if layout.gpus_per_worker else "gloo"

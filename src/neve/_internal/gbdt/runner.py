@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from neve._internal.context import WorkerContext
+from neve._internal.data.checks import warn_high_cardinality
 from neve._internal.data.fragments import Plan
 from neve._internal.data.resolve import PlanSource
 from neve._internal.gbdt.config import GBDTScalingConfig
@@ -157,6 +158,7 @@ def fit(
     spec = build_spec(train.schema, input_cols, label_col, weight_col, group_col,
                       train._source.description)
     spec = with_categories(spec, train._source)
+    warn_high_cardinality(spec.categories, None, f"training data ({train._source.description})")
     evaluation = _as_connector(eval_set, "eval_set") if eval_set is not None else None
     if evaluation is not None:
         build_spec(evaluation.schema, spec.input_cols, label_col, weight_col, group_col,

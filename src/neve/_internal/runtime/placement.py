@@ -22,6 +22,11 @@ class Layout:
     cpus_per_worker: float
     gpus_per_worker: float = 0.0
     distinct_nodes: bool = False
+    #: what the user can change when the cluster cannot hold this layout
+    fix: str = (
+        "Ask for fewer workers or CPUs/GPUs per worker (or -1 to use what the cluster has), "
+        "or add nodes."
+    )
 
     @property
     def num_workers(self) -> int:
@@ -96,6 +101,5 @@ class Layout:
         if problems:
             raise ResourcesUnavailableError(
                 f"cannot place {self.describe()}: {'; '.join(problems)}. "
-                f"The cluster has {cluster.describe()}. Ask for fewer workers or CPUs/GPUs "
-                "per worker (or -1 to use what the cluster has), or add nodes."
+                f"The cluster has {cluster.describe()}. {self.fix}"
             )
