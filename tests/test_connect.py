@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from neve._internal.runtime import cluster, connect
+from neve._internal.runtime import connect
 from neve.exceptions import ClusterError, ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -205,13 +205,6 @@ def test_the_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NEVE_CONNECT_TIMEOUT_S", "soon")
     with pytest.raises(ConfigError, match="NEVE_CONNECT_TIMEOUT_S"):
         settings.CONNECT_TIMEOUT_S.get()
-
-
-def test_ensure_ray_joins_through_the_probe(free_port: int) -> None:
-    if cluster.started_here() or "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        pytest.skip("Ray is already up in this process")
-    with pytest.raises(ClusterError, match="nothing listens"):
-        cluster.ensure_ray(f"127.0.0.1:{free_port}")
 
 
 # -- as a user sees it: the command, in a fresh process -------------------------------------

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from neve._internal import settings
 from neve.exceptions import ClusterError
@@ -336,11 +337,11 @@ def _node_lookup_within(deadline: Deadline) -> Iterator[None]:
         yield
         return
 
-    def bounded(*args: object, **kwargs: object) -> object:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout_seconds", max(1, math.ceil(deadline.left())))
         return original(*args, **kwargs)
 
-    services.get_node_to_connect_for_driver = bounded
+    services.get_node_to_connect_for_driver = bounded  # type: ignore[assignment]
     try:
         yield
     finally:
