@@ -236,6 +236,8 @@ def test_a_raising_worker_stops_the_group_and_names_its_rank(fresh: None) -> Non
                               "rank one cannot go on")
     assert "Remote traceback" in message and "fail_on_one" in message
     assert "\x1b[" not in message  # no terminal colours in the message
+    assert isinstance(error.remote, ValueError)  # the worker's own exception, kept
+    assert error.__cause__ is None  # Ray's copy of the traceback is not printed again
     assert not workers.alive
     assert wait_until(lambda: not any(psutil_alive(p) for p in pids), 15), "workers still alive"
 
