@@ -146,6 +146,30 @@ def test_train_lightgbm_from_duckdb_sql_with_overrides(credit: Path, tmp_path: P
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_warnings_print_as_one_line_each(credit: Path, tmp_path: Path, capsys) -> None:
+    job = write_job(tmp_path, f"""
+        [source]
+        duckdb = "{credit}/warehouse.duckdb"
+        table = "TRAINING_DATA"
+        {GBDT_COLUMNS}
+        [model]
+        framework = "lightgbm"
+        objective = "binary"
+        n_estimators = 3
+        params = {{ num_leavs = 7 }}
+        {TWO_WORKERS}
+        [output]
+        stage = "{tmp_path}/stage"
+    """)
+    code, _, err = run_cli(capsys, "train", str(job))
+    assert code == 0, err
+    assert err.splitlines() == [
+        "neve: warning: LightGBM does not know the parameter 'num_leavs' (did you mean "
+        "'num_leaves'?) and ignores it: fix the name in params (see "
+        "https://lightgbm.readthedocs.io/en/stable/Parameters.html)"]
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_train_from_parquet_glob(credit: Path, tmp_path: Path, capsys) -> None:
     job = write_job(tmp_path, f"""
         [source]
@@ -365,6 +389,9 @@ def test_missing_job_file_and_usage_errors(tmp_path: Path, capsys) -> None:
     for command in ([], ["demo"], ["train"], ["cluster"]):
         code, out, _ = run_cli(capsys, *command, "--help")
         assert code == 0 and out.startswith("usage: neve")
+        assert "%%" not in out  # argparse prints descriptions as written
+    code, out, _ = run_cli(capsys, "demo", "--help")
+    assert "~10% held out" in " ".join(out.split())
 
 
 def test_key_lines_follow_tables_dotted_keys_and_multiline_values() -> None:

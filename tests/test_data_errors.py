@@ -49,6 +49,16 @@ def test_missing_column_names_it_and_lists_what_exists(frame: DataConnector, rea
     assert isinstance(info.value, KeyError) and isinstance(info.value, DataError)
 
 
+def test_a_misspelled_column_gets_did_you_mean_as_in_the_cli(frame: DataConnector) -> None:
+    with pytest.raises(ColumnNotFoundError) as info:
+        frame.to_arrow(columns=["Featur", "label"])
+    assert str(info.value).startswith("column 'Featur' not found in the Arrow table; did you "
+                                      "mean 'Feature'? It has 3 columns: 'Id', 'Feature'")
+    with pytest.raises(ColumnNotFoundError, match=r"did you mean 'Feature' for 'featur', "
+                                                  r"'label' for 'lable'\?"):
+        frame.to_arrow(columns=["featur", "lable"])
+
+
 def test_missing_column_hints_the_case_mismatch(frame: DataConnector) -> None:
     with pytest.raises(ColumnNotFoundError) as info:
         frame.to_arrow(columns=["id", "FEATURE", "label"])

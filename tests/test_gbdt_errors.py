@@ -116,8 +116,40 @@ def test_a_feature_that_is_not_a_number_or_category(
 
 def test_a_label_that_is_not_a_number() -> None:
     table = pa.table({"x": np.arange(100.0), "y": pa.array(["yes", "no"] * 50)})
-    with pytest.raises(ColumnTypeError, match="column 'y' has type string"):
+    with pytest.raises(ColumnTypeError, match="column 'y' has type string") as info:
         XGBEstimator(scaling_config=TWO_XGB).fit(table, ["x"], "y")
+    message = str(info.value)
+    assert "input_cols" not in message  # the label is not an input: encode it instead
+    assert "labels must be numbers: encode the classes in your query" in message
+    assert "CASE WHEN y = 'yes' THEN 1 ELSE 0 END" in message
+
+
+def test_a_misspelled_column_gets_did_you_mean(spy_acquire: list[Any]) -> None:
+    with pytest.raises(ColumnNotFoundError, match=r"'f00' not found in the .*; did you mean "
+                                                  r"'f0'\?"):
+        XGBEstimator(scaling_config=TWO_XGB).fit(make_frame(100), ["f00", "f1"], "y")
+    assert spy_acquire == []
+
+
+def test_an_empty_table_is_reported_before_ray_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import duckdb
+
+    from neve._internal.runtime import cluster
+
+    def no_ray(address: str | None = None) -> None:
+        raise AssertionError("Ray was asked to start for an empty table")
+
+    monkeypatch.setattr(cluster, "ensure_ray", no_ray)
+    session = duckdb.connect()
+    session.execute("CREATE TABLE t (f0 DOUBLE, f1 DOUBLE, f2 DOUBLE, f3 DOUBLE, y DOUBLE)")
+    empty = DataConnector.from_dataframe(session.table("t"))
+    for estimator in (XGBEstimator(scaling_config=TWO_XGB),
+                      LightGBMEstimator(scaling_config=TWO_LGB)):
+        with pytest.raises(EmptyDatasetError, match=r"^the training data \(DuckDB relation\) "
+                                                    "holds no rows"):
+            estimator.fit(empty, INPUTS, "y")
+    with pytest.raises(EmptyDatasetError, match=r"^the eval set .* holds no rows"):
+        XGBEstimator(scaling_config=TWO_XGB).fit(make_frame(100), INPUTS, "y", eval_set=empty)
 
 
 # -- data that turns out bad on the workers ------------------------------------------

@@ -173,6 +173,9 @@ def test_lightgbm_regression_with_eval_set_and_early_stopping(warehouse) -> None
     assert best is not None and 1 <= best < 290
     assert single.best_iteration < 290
     assert booster.num_trees() == best  # LightGBM keeps the model up to the best round
+    # As lightgbm.train leaves them (it was -1 on the Booster fit returned).
+    assert booster.best_iteration == best
+    assert booster.best_score["eval"]["l2"] == pytest.approx(distributed_rmse**2, rel=1e-4)
     history = estimator.get_eval_results()["eval"]["l2"]
     assert history[best - 1] == pytest.approx(distributed_rmse**2, rel=1e-4)
     assert lgb_root(booster)["internal_count"] == len(train)

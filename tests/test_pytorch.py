@@ -120,6 +120,7 @@ def test_dotted_stage_resolves_under_stage_root(tmp_path: Path, monkeypatch) -> 
     )
     expected = tmp_path / "root" / "DB_NAME" / "SCHEMA_NAME" / "STAGE_NAME" / "model"
     published = Path(result.get_model_dir())
+    assert result.request_id.startswith("pytorch-")  # named as GBDT models are: framework-id
     assert published.parent == expected
     assert published.name == result.request_id
     assert (published / "weights.txt").read_text() == "w"
@@ -311,6 +312,9 @@ def test_asking_for_what_the_cluster_lacks_is_bounded_and_clear(config, pattern)
         PyTorchDistributor(lambda: None, config).run()
     assert time.monotonic() - start < 15
     assert "The cluster has 1 node" in str(info.value)
+    # -1 is not a value PyTorchScalingConfig takes: the advice names what it does take.
+    assert "-1" not in str(info.value)
+    assert "num_workers_per_node" in str(info.value) and "scaling_config=None" in str(info.value)
     assert_no_reservations()
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,8 +236,89 @@ def test_a_raising_worker_stops_the_group_and_names_its_rank(fresh: None) -> Non
                               "rank one cannot go on")
     assert "Remote traceback" in message and "fail_on_one" in message
     assert "\x1b[" not in message  # no terminal colours in the message
+    assert isinstance(error.remote, ValueError)  # the worker's own exception, kept
+    assert error.__cause__ is None  # Ray's copy of the traceback is not printed again
     assert not workers.alive
     assert wait_until(lambda: not any(psutil_alive(p) for p in pids), 15), "workers still alive"
+
+
+# What a user saw before issue 10: ~59 lines for one exception, the remote traceback twice,
+# Ray's frames, and ESC[36m colour codes in a file.
+RAY_TRACEBACK = (
+    "\x1b[36mray::WorkerActor.run()\x1b[39m (pid=10677, ip=127.0.0.1, actor_id=65ff, "
+    "repr=rank 1)\n"
+    "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    '  File "/site-packages/neve/_internal/runtime/worker.py", line 128, in run\n'
+    "    return fn(ctx)\n"
+    "           ^^^^^^^\n"
+    '  File "/site-packages/neve/pytorch/_worker.py", line 110, in run\n'
+    "    train_func()\n"
+    '  File "/home/me/train.py", line 11, in train_func\n'
+    '    rows = load("/data/x.csv")\n'
+    '  File "/home/me/train.py", line 6, in load\n'
+    "    return open(path).read()\n"
+    "           ^^^^^^^^^^\n"
+    "FileNotFoundError: [Errno 2] No such file or directory: '/data/x.csv'"
+)
+
+
+def test_the_remote_traceback_keeps_the_users_frames_only() -> None:
+    from neve._internal.runtime.tracebacks import user_traceback
+
+    assert user_traceback(RAY_TRACEBACK) == (
+        '  File "/home/me/train.py", line 11, in train_func\n'
+        '    rows = load("/data/x.csv")\n'
+        '  File "/home/me/train.py", line 6, in load\n'
+        "    return open(path).read()\n"
+        "FileNotFoundError: [Errno 2] No such file or directory: '/data/x.csv'"
+    )
+    # An error in neve itself keeps neve's frames: they are the story.
+    only_neve = RAY_TRACEBACK.replace("/home/me/train.py", "/site-packages/neve/data/x.py")
+    assert "neve/_internal/runtime/worker.py" in user_traceback(only_neve)
+    assert "\x1b[" not in user_traceback(only_neve) and "ray::" not in user_traceback(only_neve)
+
+
+_RAISING_SCRIPT = """
+import os
+os.environ["NEVE_LOCAL_NUM_CPUS"] = "2"
+from neve._internal.context import WorkerContext
+from neve._internal.runtime import group
+from neve._internal.runtime.placement import Layout
+
+def parse_row(text):
+    return int(text)
+
+def train(ctx):
+    import threading
+    if ctx.rank == 1:
+        parse_row("not a number")
+    threading.Event().wait(60)
+
+workers = group.WorkerGroup(Layout(num_groups=2, workers_per_group=1, cpus_per_worker=1.0))
+workers.run(train, [WorkerContext(rank=r, world_size=2) for r in range(2)])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_worker_failure_reaches_the_user_once(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(_RAISING_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "NEVE_"))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=110, env=env)
+    assert done.returncode == 1
+    err = done.stderr
+    assert err.count('in parse_row\n    return int(text)') == 1, err  # once, not twice
+    assert "ray::" not in err and "ray/_private" not in err, err  # no Ray frames
+    assert "\x1b[" not in err, err  # no colour codes in a file
+    assert "The above exception was the direct cause" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == "ValueError: invalid literal for int() with base 10: 'not a number'"
+    assert re.search(r"^neve\.exceptions\.WorkerError: worker rank 1 \(node 127\.0\.0\.1, pid "
+                     r"\d+\) failed: ValueError: invalid literal", err, re.M), err
+    assert len(err.splitlines()) <= 25, err  # was 63
 
 
 def psutil_alive(pid: int) -> bool:

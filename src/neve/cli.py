@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="generate a credit-risk warehouse and train all three frameworks on it",
         description="Create (or reuse) a DuckDB warehouse with a generated credit-risk table "
-        "(TRAINING_DATA and EVAL_DATA, ~10%% held out, plus Parquet copies), then train "
+        "(TRAINING_DATA and EVAL_DATA, ~10% held out, plus Parquet copies), then train "
         "XGBoost, LightGBM and a PyTorch MLP on a local Ray and print their AUC on EVAL_DATA, "
         "their training times, and where each model was published.")
     demo.add_argument("--rows", type=_positive_int, default=1_000_000, metavar="N",
@@ -223,6 +224,24 @@ def _ray_running() -> bool:
 
 
 @contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """neve's warnings on stderr as ``neve: warning: ...``, one line each, like its errors."""
+    from neve.exceptions import NeveWarning
+
+    shown = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if isinstance(category, type) and issubclass(category, NeveWarning):
+            print(f"neve: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
 def _logging(verbose: bool) -> Iterator[None]:
     """neve's log messages on stderr as ``neve: ...`` while the command runs (then as before)."""
     logger = logging.getLogger("neve")
@@ -276,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from neve.exceptions import NeveError
 
     try:
-        with _logging(args.verbose):
+        with _logging(args.verbose), _warnings_as_lines():
             return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         if debug:

@@ -23,7 +23,6 @@ checked job.
 
 from __future__ import annotations
 
-import difflib
 import glob
 import os
 import re
@@ -31,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from neve._internal.suggest import close_match
 from neve.exceptions import ConfigError, NeveError
 
 FRAMEWORKS = ("xgboost", "lightgbm", "pytorch")
@@ -239,8 +239,8 @@ class _Reader:
                    note: str = "") -> None:
         for key in table:
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                close = close_match(key, allowed)
+                hint = f"did you mean {close!r}? " if close else ""
                 raise self.error(f"{name}.{key}", f"unknown key{note}; {hint}"
                                  f"[{name}] takes {', '.join(allowed)}")
 
@@ -334,8 +334,8 @@ def _key_at(text: str, line: int) -> str:
 def _check(r: _Reader) -> Job:
     for name in r.data:
         if name not in _SECTIONS:
-            close = difflib.get_close_matches(name, list(_SECTIONS), n=1)
-            hint = f"did you mean [{close[0]}]? " if close else ""
+            close = close_match(name, _SECTIONS)
+            hint = f"did you mean [{close}]? " if close else ""
             raise r.error(name, f"unknown section; {hint}a job file has "
                           + ", ".join(f"[{s}]" for s in _SECTIONS))
     for name in _REQUIRED:
@@ -566,8 +566,8 @@ def check_columns(job: Job, dc: Any, spec: SourceSpec) -> None:
     ]
     for key, column in named:
         if column not in schema.names:
-            close = difflib.get_close_matches(column, schema.names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = close_match(column, schema.names)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise job.error(key, f"column {column!r} is not in the {spec.key} data "
                             f"({spec.describe()}){hint} It has: {', '.join(schema.names)}")
         dtype = schema.field(column).type

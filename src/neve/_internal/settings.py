@@ -37,6 +37,11 @@ class Setting:
         return value
 
 
+CONNECT_TIMEOUT_S = Setting(
+    "NEVE_CONNECT_TIMEOUT_S",
+    15.0,
+    "how long joining a Ray cluster by address (RAY_ADDRESS) may take before failing",
+)
 PLACEMENT_TIMEOUT_S = Setting(
     "NEVE_PLACEMENT_TIMEOUT_S",
     30.0,

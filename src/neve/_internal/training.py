@@ -10,12 +10,13 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from neve._internal.jobs import Job, check_columns, connector
-from neve.exceptions import ConfigError, ResourcesUnavailableError
+from neve.exceptions import ConfigError, ResourcesUnavailableError, RowsDroppedWarning
 
 
 @dataclass
@@ -90,14 +91,17 @@ def _train_kwargs(job: Job) -> dict[str, Any]:
 def gbdt_estimator(framework: str, *, n_estimators: int, objective: str | None,
                    params: Mapping[str, Any], scaling: Mapping[str, Any]) -> Any:
     """An XGBEstimator or LightGBMEstimator with the given settings."""
+    # No objective in the job: the estimator's own default (Snowflake's).
     if framework == "xgboost":
         from neve.xgboost import XGBEstimator, XGBScalingConfig
 
-        return XGBEstimator(n_estimators=n_estimators, objective=objective, params=dict(params),
+        return XGBEstimator(n_estimators=n_estimators, params=dict(params),
+                            objective=objective or XGBEstimator._default_objective,
                             scaling_config=XGBScalingConfig(**scaling))
     from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
 
-    return LightGBMEstimator(n_estimators=n_estimators, objective=objective, params=dict(params),
+    return LightGBMEstimator(n_estimators=n_estimators, params=dict(params),
+                             objective=objective or LightGBMEstimator._default_objective,
                              scaling_config=LightGBMScalingConfig(**scaling))
 
 
@@ -202,8 +206,11 @@ def _run_pytorch(job: Job, train: Any, evaluation: Any, stage: Any, view: Any,
     if evaluation is not None:
         datasets["eval"] = evaluation
     started = time.monotonic()
-    result = PyTorchDistributor(mlp.train_func, scaling).run(
-        dataset_map=datasets, hyper_params=hyper, artifact_stage_location=stage.url)
+    with warnings.catch_warnings():
+        # equal=True is neve's choice for DDP (see _train_kwargs): a job cannot change it.
+        warnings.simplefilter("ignore", RowsDroppedWarning)
+        result = PyTorchDistributor(mlp.train_func, scaling).run(
+            dataset_map=datasets, hyper_params=hyper, artifact_stage_location=stage.url)
     seconds = time.monotonic() - started
     epochs = [m for m in result.metrics_history if "train_loss" in m]
     for entry in epochs:

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 
 from neve._internal.runtime.cluster import ClusterView
 from neve._internal.runtime.placement import Layout
+from neve._internal.signatures import checked_keywords
 from neve.exceptions import ConfigError, ResourcesUnavailableError
+
+#: what to change when the cluster cannot hold a PyTorchScalingConfig (-1 is not allowed here)
+_FIX = (
+    "Ask for fewer nodes (num_nodes), fewer workers per node (num_workers_per_node), or fewer "
+    "CPUs/GPUs per worker (WorkerResourceConfig); pass scaling_config=None to run one worker "
+    "per node with what the cluster has; or add nodes."
+)
 
 
 def _number(name: str, value: object, minimum: float) -> float:
@@ -15,6 +23,7 @@ def _number(name: str, value: object, minimum: float) -> float:
     return float(value)
 
 
+@checked_keywords()
 @dataclass(frozen=True)
 class WorkerResourceConfig:
     """What each worker reserves: ``num_cpus`` and ``num_gpus`` (default 0).
@@ -32,6 +41,7 @@ class WorkerResourceConfig:
         _number("num_gpus", self.num_gpus, 0)
 
 
+@checked_keywords()
 @dataclass(frozen=True)
 class PyTorchScalingConfig:
     """``num_workers_per_node`` workers on each of ``num_nodes`` distinct nodes.
@@ -68,6 +78,7 @@ class PyTorchScalingConfig:
             cpus_per_worker=float(resources.num_cpus),
             gpus_per_worker=float(resources.num_gpus),
             distinct_nodes=True,
+            fix=_FIX,
         )
 
 

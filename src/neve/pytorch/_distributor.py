@@ -7,16 +7,20 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neve._internal import stages
 from neve._internal.context import WorkerContext
 from neve._internal.progress import Progress
 from neve._internal.runtime import cluster, controller, group, transfer
 from neve._internal.runtime.placement import Layout
+from neve._internal.signatures import checked_keywords
 from neve.exceptions import ConfigError, WorkerError
 from neve.pytorch._config import PyTorchScalingConfig, default_layout
 from neve.pytorch._worker import WorkerOutcome, entry
+
+if TYPE_CHECKING:
+    from neve.data import DataConnector
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class PyTorchDistributorResult:
         return merged
 
 
+@checked_keywords()
 class PyTorchDistributor:
     """Distributed PyTorch with Snowflake's ``PyTorchDistributor`` API.
 
@@ -78,7 +83,7 @@ class PyTorchDistributor:
     def run(
         self,
         *,
-        dataset_map: Mapping[str, Any] | None = None,
+        dataset_map: Mapping[str, DataConnector] | None = None,
         hyper_params: Mapping[str, Any] | None = None,
         artifact_stage_location: str | os.PathLike[str] | None = None,
         max_failures: int = 1,
@@ -94,6 +99,7 @@ class PyTorchDistributor:
         ``<stage>/checkpoints/``; its model is published under the same request id.
         """
         from neve.data import DataConnector
+        from neve.data._connector import check_for_workers
 
         for name, connector in (dataset_map or {}).items():
             if not isinstance(connector, DataConnector):
@@ -110,7 +116,7 @@ class PyTorchDistributor:
         if resume_from is not None:
             store = stages.CheckpointStore.resume(stage, resume_from)
         else:
-            store = stages.CheckpointStore(stage, stages.new_request_id())
+            store = stages.CheckpointStore(stage, f"pytorch-{stages.new_request_id()}")
 
         cluster.ensure_ray()
         view = cluster.view()
@@ -124,6 +130,7 @@ class PyTorchDistributor:
         with contextlib.ExitStack() as plans:  # the run's spills and snapshots go when it ends
             for connector in connectors:
                 plans.enter_context(connector._plans_released_after())
+            check_for_workers(dataset_map or {}, layout.num_workers)  # warnings, on the driver
             try:
                 location, metrics = controller.run(run, max_failures=max_failures)
             finally:

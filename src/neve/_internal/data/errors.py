@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
+from neve._internal.suggest import close_match
 from neve.exceptions import ColumnNotFoundError, NeveError, SourceError
 
 # Exceptions raised by the libraries we read through, by module prefix.
@@ -37,21 +38,32 @@ def source_error(what: str) -> Iterator[None]:
 
 
 def check_columns(schema: pa.Schema, wanted: Iterable[str], what: str = "source") -> None:
-    """Raise :class:`ColumnNotFoundError` naming missing columns and those that exist."""
+    """Raise :class:`ColumnNotFoundError` naming missing columns, the closest names and all."""
     names = schema.names
     missing = [c for c in wanted if c not in names]
     if not missing:
         return
-    hints = []
-    lower = {n.lower(): n for n in names}
+    guesses: dict[str, str] = {}
+    cases = []
     for column in missing:
-        if column.lower() in lower:
-            hints.append(f"{column!r} -> {lower[column.lower()]!r}")
-    hint = f" (column names are case-sensitive: {', '.join(hints)})" if hints else ""
+        match = close_match(column, names)
+        if match is None:
+            continue
+        if match.lower() == column.lower():
+            cases.append(f"{column!r} -> {match!r}")
+        else:
+            guesses[column] = match
+    if len(missing) == 1 and guesses:
+        hint = f"; did you mean {next(iter(guesses.values()))!r}?"
+    elif guesses:
+        hint = "; did you mean " + ", ".join(f"{m!r} for {c!r}" for c, m in guesses.items()) + "?"
+    else:
+        hint = "."
+    case = f" (column names are case-sensitive: {', '.join(cases)})" if cases else ""
     plural = "s" if len(missing) > 1 else ""
     raise ColumnNotFoundError(
-        f"column{plural} {', '.join(map(repr, missing))} not found in the {what}; "
-        f"it has {_listing(names)}{hint}"
+        f"column{plural} {', '.join(map(repr, missing))} not found in the {what}{hint} "
+        f"It has {_listing(names)}{case}"
     )
 
 

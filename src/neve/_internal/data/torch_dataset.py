@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from neve._internal.data.batches import rebatch
+from neve._internal.data.checks import null_batch_counts, warn_nulls_as_nan
 from neve._internal.data.convert import batch_to_torch
 from neve._internal.data.fragments import Piece, Plan
 from neve._internal.data.plans import spill_plan
@@ -63,6 +64,7 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
         drop_last_batch: bool,
         expand_dims: bool,
         seed: int | None,
+        watch_nulls: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if plan is None and source is None:
@@ -76,6 +78,9 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
         self.expand_dims = expand_dims
         self.seed = seed
         self._epoch = 0
+        #: numeric columns not checked for NULLs up front: warn at the first batch with any
+        self._watch = list(watch_nulls)
+        self._description = source.description if source is not None else "source"
         if self.plan is None:
             _unplanned.add(self)
 
@@ -130,11 +135,27 @@ class ArrowTorchDataset(IterableDataset):  # type: ignore[type-arg]
             rng = np.random.default_rng([int(base) % (2**63), epoch % (2**63)])  # type: ignore[arg-type]
         self._epoch += 1
         batches = self._batches(rng)
+        if self._watch:
+            batches = self._watched(batches)
         if self.batch_size is None:
             for batch in batches:
                 yield from _rows(batch_to_torch(batch), batch.num_rows)
             return
         yield from _slices(batches, self.batch_size, self.drop_last_batch, self.expand_dims)
+
+
+    def _watched(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Pass batches through; warn once, at the first that has NULLs in a watched column."""
+        rows = 0
+        for batch in batches:
+            rows += batch.num_rows
+            if self._watch:
+                counts = null_batch_counts(batch, self._watch)
+                if any(counts.values()):
+                    self._watch = []  # once per dataset
+                    warn_nulls_as_nan(counts, rows, batch.schema, self._description,
+                                      at_least=True)
+            yield batch
 
 
 def _slices(

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from neve._internal.runtime.cluster import ClusterView
 from neve._internal.runtime.placement import Layout
+from neve._internal.signatures import checked_keywords
 from neve.exceptions import ConfigError, ResourcesUnavailableError
 
 
+@checked_keywords()
 @dataclass(frozen=True, kw_only=True)
 class GBDTScalingConfig:
     """How many workers, and what each gets. ``-1`` / ``None`` mean "what the cluster has".

@@ -5,22 +5,49 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
+from neve._internal.data.checks import has_rows
 from neve._internal.data.errors import check_columns
 from neve._internal.gbdt import runner
 from neve._internal.gbdt.config import GBDTScalingConfig
 from neve._internal.gbdt.features import BATCH_ROWS, FeatureSpec, feature_matrix
-from neve.exceptions import ConfigError, NeveError
+from neve._internal.signatures import checked_keywords
+from neve.exceptions import ConfigError, EmptyDatasetError, NeveError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from neve.data import DataConnector
+    from neve.data._connector import FrameLike
+
+    #: what ``fit`` and ``predict`` read: a DataConnector, or a frame ``from_dataframe`` takes
+    DatasetLike: TypeAlias = DataConnector | FrameLike
+
+#: the framework's Booster (``xgboost.Booster``, ``lightgbm.Booster``)
+BoosterT = TypeVar("BoosterT")
+
 
 
 class NotFittedError(NeveError):
     """The estimator has no model yet."""
 
 
-class GBDTEstimator:
+def hints(scaling: str) -> dict[str, str]:
+    """Keywords that belong elsewhere than the estimator, and where they go."""
+    out = {word: f"it belongs to the scaling config: scaling_config={scaling}({word}=...)"
+           for word in ("num_workers", "num_cpu_per_worker", "use_gpu")}
+    for word in ("max_depth", "learning_rate", "eta", "num_leaves", "eval_metric", "metric",
+                 "nthread", "num_threads", "subsample", "random_state", "seed", "tree_method",
+                 "max_bin", "min_child_weight", "reg_lambda", "reg_alpha", "verbosity"):
+        out[word] = f"framework parameters go in params={{{word!r}: ...}}"
+    return out
+
+
+@checked_keywords(hints("a scaling config"))
+class GBDTEstimator(Generic[BoosterT]):
     """Base of XGBEstimator and LightGBMEstimator (keyword-friendly, picklable)."""
 
     _backend_name: str
@@ -35,12 +62,13 @@ class GBDTEstimator:
         scaling_config: GBDTScalingConfig | None = None,
         callbacks: Sequence[Any] | None = None,
     ) -> None:
+        # ``objective=None`` means the framework's default (as in the subclasses' signatures).
         self.n_estimators = n_estimators
         self.objective = objective if objective is not None else self._default_objective
         self.params = params
         self.scaling_config = scaling_config
         self.callbacks = callbacks
-        self._model: Any = None
+        self._model: BoosterT | None = None
         self._evals_result: dict[str, dict[str, list[float]]] = {}
         self._spec: FeatureSpec | None = None
         self.best_iteration: int | None = None
@@ -50,7 +78,7 @@ class GBDTEstimator:
     def _backend(self) -> runner.Backend:
         raise NotImplementedError
 
-    def _load(self, model: Any) -> Any:
+    def _load(self, model: Any) -> BoosterT:
         raise NotImplementedError
 
     def _round_keys(self) -> tuple[str, ...]:
@@ -58,6 +86,13 @@ class GBDTEstimator:
 
     def _predict_block(self, booster: Any, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Check the framework's parameters on the driver; return what the workers get."""
+        return params
+
+    def _annotate(self, booster: BoosterT) -> None:
+        """Give the returned Booster what the framework's own ``train`` would have set."""
 
     # -- API --------------------------------------------------------------------------------
 
@@ -75,21 +110,21 @@ class GBDTEstimator:
 
     def fit(
         self,
-        dataset: Any,
+        dataset: DatasetLike,
         input_cols: Sequence[str] | str,
         label_col: str,
-        eval_set: Any = None,
+        eval_set: DatasetLike | None = None,
         verbose_eval: int | bool | None = None,
         *,
         weight_col: str | None = None,
         group_col: str | None = None,
         early_stopping_rounds: int | None = None,
-        init_model: Any = None,
+        init_model: BoosterT | bytes | str | None = None,
         max_failures: int = 1,
         external_memory: bool | None = None,
         checkpoint_stage: str | os.PathLike[str] | None = None,
         resume_from: str | None = None,
-    ) -> Any:
+    ) -> BoosterT:
         """Train on every worker of the cluster and return the framework's Booster.
 
         A lost worker (killed, out of memory, its node gone) restarts every worker
@@ -124,15 +159,25 @@ class GBDTEstimator:
                 f"got {early_stopping_rounds!r}"
             )
         params, rounds = self._train_params()
+        params = self._check_params(params)
+        train = runner._as_connector(dataset, "dataset")
+        evaluation = runner._as_connector(eval_set, "eval_set") if eval_set is not None else None
+        # Before Ray starts (seconds), where one batch tells.
+        for connector, what in ((train, "the training data"), (evaluation, "the eval set")):
+            if connector is not None and has_rows(connector._source) is False:
+                raise EmptyDatasetError(
+                    f"{what} ({connector._source.description}) holds no rows; check the "
+                    "table or query"
+                )
         result = runner.fit(
             self._backend(),
             params=params,
             num_boost_round=rounds,
             scaling=scaling,
-            dataset=dataset,
+            dataset=train,
             input_cols=input_cols,
             label_col=label_col,
-            eval_set=eval_set,
+            eval_set=evaluation,
             weight_col=weight_col,
             group_col=group_col,
             early_stopping_rounds=early_stopping_rounds,
@@ -144,16 +189,18 @@ class GBDTEstimator:
             checkpoint_stage=checkpoint_stage,
             resume_from=resume_from,
         )
-        self._model = self._load(result.model)
+        model = self._load(result.model)
+        self._model = model
         self._evals_result = result.evals_result
         self.best_iteration = result.best_iteration
         self._spec = result.spec
-        return self._model
+        self._annotate(model)
+        return model
 
     def _model_payload(self, init_model: Any) -> Any:
         return init_model
 
-    def get_booster(self) -> Any:
+    def get_booster(self) -> BoosterT:
         """The trained Booster of the framework."""
         if self._model is None:
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit() first")
@@ -164,7 +211,7 @@ class GBDTEstimator:
         self.get_booster()
         return copy.deepcopy(self._evals_result)
 
-    def predict(self, dataset: Any) -> np.ndarray:
+    def predict(self, dataset: DatasetLike) -> np.ndarray:
         """Predictions for every row, computed in this process (not distributed)."""
         booster = self.get_booster()
         spec = self._spec

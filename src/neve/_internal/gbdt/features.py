@@ -82,16 +82,25 @@ def build_spec(
             continue
         if name not in inputs and is_numeric(dtype):
             continue
-        role = "feature" if name in inputs else "label/weight/group"
-        allowed = (
-            "numbers, booleans, decimals, dates, or strings (categorical)"
-            if name in inputs else "numbers"
-        )
-        raise ColumnTypeError(
-            f"{role} column {name!r} has type {dtype}, which cannot be used; {role} columns "
-            f"must hold {allowed}: cast it in your query, or drop it from input_cols"
-        )
+        raise ColumnTypeError(_type_advice(name, dtype, inputs, label_col, weight_col))
     return FeatureSpec(inputs, label_col, weight_col, group_col)
+
+
+def _type_advice(name: str, dtype: pa.DataType, inputs: tuple[str, ...], label_col: str,
+                 weight_col: str | None) -> str:
+    """Why a column's type cannot play its role, and the fix for that role."""
+    if name in inputs:
+        return (f"feature column {name!r} has type {dtype}, which cannot be used; feature "
+                "columns must hold numbers, booleans, decimals, dates, or strings (categorical): "
+                "cast it in your query, or drop it from input_cols")
+    role = "label" if name == label_col else "weight" if name == weight_col else "group"
+    if role == "label" and is_categorical(dtype):
+        return (f"label column {name!r} has type {dtype}; labels must be numbers: encode the "
+                f"classes in your query, e.g. CASE WHEN {name} = 'yes' THEN 1 ELSE 0 END for "
+                f"two classes, or DENSE_RANK() OVER (ORDER BY {name}) - 1 for 0..K-1 "
+                "(with objective 'multi:softprob' / 'multiclass' and num_class=K)")
+    return (f"{role} column {name!r} has type {dtype}, which cannot be used; {role} columns "
+            f"must hold numbers: cast it in your query (CAST({name} AS DOUBLE))")
 
 
 def with_categories(spec: FeatureSpec, source: Source, plan: Plan) -> FeatureSpec:

@@ -17,6 +17,7 @@ from typing import Any
 
 from neve._internal import stages
 from neve._internal.context import WorkerContext
+from neve._internal.data.checks import warn_high_cardinality
 from neve._internal.data.fragments import Plan
 from neve._internal.data.resolve import PlanSource
 from neve._internal.gbdt.config import GBDTScalingConfig
@@ -243,6 +244,7 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
     # Ranking groups must not be cut: their shards need exact row counts.
     train_plan = train._plan_for_workers(spec.columns, sized=spec.group_col is not None)
     spec = with_categories(spec, train._source, train_plan)
+    warn_high_cardinality(spec.categories, None, f"training data ({train._source.description})")
     if not train_plan.fragments or train_plan.num_rows == 0:
         raise EmptyDatasetError(
             f"the training data ({train._source.description}) holds no rows; check the "

@@ -1,7 +1,8 @@
 """The Ray cluster neve runs on: join one, or start a private local one, quietly.
 
 * ``ray.is_initialized()`` already: use the caller's Ray as it is.
-* an address (argument, ``NEVE_RAY_ADDRESS`` or ``RAY_ADDRESS``): join that cluster.
+* an address (argument, ``NEVE_RAY_ADDRESS`` or ``RAY_ADDRESS``): join that cluster,
+  within ``NEVE_CONNECT_TIMEOUT_S``, each failure one line (see :mod:`.connect`).
 * neither: start a private local instance (``address="local"``; a bare
   ``ray.init()`` would attach to any other cluster on the machine), bound to
   loopback, no dashboard, usage statistics off, Ray's log noise kept off the
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 from dataclasses import dataclass
 
 from neve._internal import settings
+from neve._internal.runtime import connect
 from neve.exceptions import ClusterError
 
 logger = logging.getLogger(__name__)
@@ -95,9 +96,8 @@ def ensure_ray(address: str | None = None) -> None:
         }
         try:
             if address:
-                _check_reachable(address)
                 logger.info("joining the Ray cluster at %s", address)
-                ray.init(address=address, **kwargs)  # type: ignore[arg-type]
+                connect.join(address, kwargs)
             else:
                 num_cpus = settings.local_num_cpus()
                 logger.info("starting a private local Ray instance")
@@ -113,24 +113,6 @@ def ensure_ray(address: str | None = None) -> None:
         except Exception as exc:
             target = address or "a private local instance"
             raise ClusterError(f"could not start or join Ray ({target}): {exc}") from exc
-
-
-def _check_reachable(address: str) -> None:
-    """Fail at once if a Ray ``host:port`` does not answer.
-
-    Ray itself retries an unreachable address for minutes, logging every attempt.
-    """
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as exc:
-        raise ClusterError(
-            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}. Check the "
-            "address (NEVE_RAY_ADDRESS or RAY_ADDRESS, or --address) and that the cluster's "
-            "head node is up; unset them to use a private local instance"
-        ) from None
 
 
 class _quiet_ray_start:

@@ -16,7 +16,6 @@ import atexit
 import contextlib
 import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from typing import Any
 
 from neve._internal import settings
 from neve._internal.context import WorkerContext
-from neve._internal.runtime import cluster
+from neve._internal.runtime import cluster, tracebacks
 from neve._internal.runtime.placement import Layout
 from neve._internal.runtime.worker import WorkerActor
 from neve.exceptions import (
@@ -40,7 +39,6 @@ from neve.exceptions import (
 logger = logging.getLogger(__name__)
 
 _group_ids = itertools.count()
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -255,6 +253,11 @@ class WorkerGroup:
         return first
 
     def _result(self, ref: Any, rank: int) -> Any:
+        """Rank ``rank``'s result, or its failure as neve's error, told once.
+
+        Raised ``from None``: Ray's own exception would print the remote traceback a
+        second time, with Ray's frames and colour codes, above neve's.
+        """
         import ray
 
         info = self.workers[rank]
@@ -265,17 +268,18 @@ class WorkerGroup:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, (DataError, ConfigError)):
                 # Errors about the user's data keep their type; the rank is added.
-                raise type(cause)(f"{where}: {cause}") from exc
+                raise type(cause)(f"{where}: {cause}") from None
             summary = f"{type(cause).__name__}: {cause}" if cause is not None else "error"
-            trace = _ANSI.sub("", getattr(exc, "traceback_str", "") or str(exc)).strip()
+            trace = tracebacks.user_traceback(getattr(exc, "traceback_str", "") or str(exc))
             raise WorkerError(
-                f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank
-            ) from exc
+                f"{where} failed: {summary}\n\nRemote traceback:\n{trace}", rank=rank,
+                remote=cause,
+            ) from None
         except ray.exceptions.RayActorError as exc:
             node = f"node {info.node_ip} (id {info.node_id[:8]})"
             raise WorkerLostError(
-                f"worker rank {rank} ({node}, pid {info.pid}) {death_cause(exc)}. Every worker "
-                "was stopped.", rank=rank) from exc
+                f"worker rank {rank} ({node}, pid {info.pid}) {tracebacks.death_cause(exc)}. "
+                "Every worker was stopped.", rank=rank) from None
 
     def shutdown(self) -> None:
         """Kill every actor and remove the placement group (idempotent)."""
@@ -291,28 +295,6 @@ class WorkerGroup:
             with contextlib.suppress(Exception):  # already removed
                 remove_placement_group(pg)
         _pool.forget(self)
-
-
-def death_cause(error: Any) -> str:
-    """What happened to a worker process, from what Ray reports of its death."""
-    text = " ".join(str(getattr(error, "error_msg", None) or error).split())
-    lowered = text.lower()
-    detail = ""
-    for marker in ("worker exit detail:", "the actor's node was", "node id:"):
-        at = lowered.find(marker)
-        if at >= 0:
-            detail = text[at:].split(". ")[0].strip()
-            break
-    said = f" (Ray: {detail})" if detail else ""
-    if "node has died" in lowered or "node died" in lowered or "node was terminated" in lowered:
-        return f"was lost with its node{said}"
-    if "memory monitor" in lowered or "low on memory" in lowered:
-        return f"was killed by Ray's memory monitor: its node ran low on memory{said}"
-    if "intended" in lowered and "exit" in lowered:
-        return f"exited{said}"
-    return (f"died{said}; likely causes: killed by a signal (SIGKILL) or the kernel's "
-            "out-of-memory killer, or a crash in native code (LightGBM aborts a worker "
-            "whose peer is gone)")
 
 
 class _EventPump:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from neve._internal.runtime.cluster import ClusterView
 from neve.exceptions import ResourcesUnavailableError
@@ -22,6 +22,12 @@ class Layout:
     cpus_per_worker: float
     gpus_per_worker: float = 0.0
     distinct_nodes: bool = False
+    #: what the user can change when the cluster cannot hold this layout (advice only:
+    #: not part of the layout's identity, so warm groups match without it)
+    fix: str = field(default=(
+        "Ask for fewer workers or CPUs/GPUs per worker (or -1 to use what the cluster has), "
+        "or add nodes."
+    ), repr=False, compare=False)
 
     @property
     def num_workers(self) -> int:
@@ -96,6 +102,5 @@ class Layout:
         if problems:
             raise ResourcesUnavailableError(
                 f"cannot place {self.describe()}: {'; '.join(problems)}. "
-                f"The cluster has {cluster.describe()}. Ask for fewer workers or CPUs/GPUs "
-                "per worker (or -1 to use what the cluster has), or add nodes."
+                f"The cluster has {cluster.describe()}. {self.fix}"
             )
