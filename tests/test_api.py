@@ -164,7 +164,7 @@ def test_sharded_constructors_take_equal_by_name() -> None:
      r"'shuffle'\? It takes: batch_size, shuffle, "),
     (lambda: _data().ShardedDataConnector.from_sql("SELECT 1 AS x", equl=True),
      r"ShardedDataConnector\.from_sql\(\) .* 'equl'; did you mean 'equal'\? "
-     r"It takes: query, session, equal$"),
+     r"It takes: query, session, equal, partition_column$"),
     (lambda: importlib.import_module("neve.xgboost").XGBEstimator(max_depth=3),
      r"XGBEstimator\(\) .* 'max_depth'; framework parameters go in params="),
     (lambda: importlib.import_module("neve.lightgbm").LightGBMEstimator(num_workers=2),
@@ -181,7 +181,7 @@ def test_sharded_constructors_take_equal_by_name() -> None:
     (lambda: importlib.import_module("neve.pytorch").PyTorchDistributor(print).run(
         datasets={}),
      r"PyTorchDistributor\.run\(\) .* 'datasets'; It takes: dataset_map, hyper_params, "
-     r"artifact_stage_location$|did you mean 'dataset_map'"),
+     r"artifact_stage_location, max_failures, resume_from$|did you mean 'dataset_map'"),
 ], ids=["from_dataframe", "to_torch_dataset", "sharded_from_sql", "estimator_param",
         "estimator_scaling", "fit", "scaling_config", "worker_resources", "run"])
 def test_unknown_keywords_are_refused_with_what_is_accepted(call, expected: str) -> None:

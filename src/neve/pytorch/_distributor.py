@@ -157,7 +157,8 @@ class _Run(controller.Trainer):
                                  unit="report")
 
     def setup(self, workers: group.WorkerGroup, attempt: int) -> controller.Attempt:
-        master_port = workers.call(0, "free_port")
+        # Held by rank 0 from now until its store listens on it: no other process takes it.
+        master_port = workers.call(0, "hold_port", workers.workers[0].node_ip)
         folders = [workers.call(rank, "scratch_folder", "checkpoint")
                    for rank in range(workers.num_workers)]
         latest = self.store.latest()

@@ -19,6 +19,7 @@ from typing import Any
 
 from neve._internal import settings
 from neve._internal.context import WorkerContext, activate
+from neve._internal.runtime.worker import held_socket, release_port
 from neve.pytorch._context import Checkpointer, MetricsReporter
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,24 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def process_group(backend: str) -> Iterator[None]:
-    """Initialise the default process group once; make later init calls no-ops."""
+def process_group(backend: str, ctx: WorkerContext) -> Iterator[None]:
+    """Initialise the default process group once; make later init calls no-ops.
+
+    The rendezvous store (a TCPStore served by rank 0, as torchrun's) listens on the
+    socket rank 0 has held since the driver picked its port, bound to its node's
+    address only, and that socket is shut down when the run ends: the store stops
+    listening even if the user's objects (a DDP model) keep it alive, and a warm
+    worker keeps no open port.
+    """
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=settings.COLLECTIVE_TIMEOUT_S.get())
-    dist.init_process_group(backend=backend, timeout=timeout)
+    held = held_socket(ctx.master_port) if ctx.rank == 0 else None
+    store = dist.TCPStore(ctx.master_addr, ctx.master_port, ctx.world_size,
+                          is_master=ctx.rank == 0, timeout=timeout, wait_for_workers=False,
+                          master_listen_fd=os.dup(held.fileno()) if held else None)
+    dist.init_process_group(backend=backend, store=store, rank=ctx.rank,
+                            world_size=ctx.world_size, timeout=timeout)
     original = dist.init_process_group
 
     def init_process_group(*args: Any, **kwargs: Any) -> None:
@@ -95,6 +108,8 @@ def process_group(backend: str) -> Iterator[None]:
         dist.init_process_group = original
         if dist.is_initialized():
             dist.destroy_process_group()
+        del store
+        release_port(ctx.master_port)  # rank 0: the store's socket stops listening
 
 
 def entry(train_func: Callable[[], Any]) -> Callable[[WorkerContext], WorkerOutcome]:
@@ -111,7 +126,8 @@ def entry(train_func: Callable[[], Any]) -> Callable[[WorkerContext], WorkerOutc
         kept = False
         try:
             with _environment(torchrun_env(full)), activate(full), \
-                    process_group(ctx.extras.get("process_group_backend", ctx.default_backend)):
+                    process_group(ctx.extras.get("process_group_backend", ctx.default_backend),
+                                  ctx):
                 train_func()
             kept = ctx.rank == 0  # the driver takes it from here
             return WorkerOutcome(reporter.history, model_dir if kept else None)

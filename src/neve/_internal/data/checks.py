@@ -68,7 +68,10 @@ def plan_null_counts(plan: Plan, columns: Sequence[str]) -> dict[str, int]:
 
 def source_null_counts(source: Source,
                        columns: Sequence[str]) -> tuple[dict[str, int], int] | None:
-    """NULLs per column and the row count, where counting is cheap (``None``: it is not)."""
+    """NULLs per column and the row count, where counting is cheap (``None``: it is not):
+    a table in memory, or DuckDB counting in SQL (no row leaves it)."""
+    if isinstance(source, DuckDBSource):
+        return source.null_counts(columns)
     if not source.in_memory:
         return None  # a query would run a second time: watched while streaming instead
     counts = dict.fromkeys(columns, 0)

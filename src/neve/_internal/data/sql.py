@@ -162,6 +162,13 @@ class DuckDBSource(Source):
             with _lean_buffer_pool(rel):
                 yield from rel.to_arrow_reader(STREAM_BATCH_ROWS)
 
+    def null_counts(self, columns: Sequence[str]) -> tuple[dict[str, int], int]:
+        """NULLs per column and the row count, counted by DuckDB."""
+        counts = ", ".join(f"count({quote(c)})" for c in columns)
+        with self._open() as rel, source_error(self.description):
+            total, *present = rel.aggregate(f"count(*), {counts}").fetchall()[0]
+        return {c: int(total) - int(n) for c, n in zip(columns, present, strict=True)}, int(total)
+
     def distinct(self, column: str, limit: int) -> list[Any] | None:
         with self._open() as rel, source_error(self.description):
             values = (rel.project(quote(column)).filter(f"{quote(column)} IS NOT NULL")

@@ -76,34 +76,36 @@ def quiet_native_output() -> Iterator[None]:
             os.close(fd)
 
 
-def free_port(host: str = "") -> int:
-    """A TCP port free on this node right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 _held_ports: dict[int, socket.socket] = {}
 
 
-def hold_port() -> int:
-    """A free port, kept bound by this process until :func:`release_port`.
+def hold_port(host: str = "") -> int:
+    """A free port on ``host`` (all interfaces by default), kept bound by this process
+    until :func:`release_port`.
 
     Holding it closes the window in which another process could take a port that
     was picked as free and handed to a framework that binds it later.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("", 0))
+    sock.bind((host, 0))
     port = int(sock.getsockname()[1])
     _held_ports[port] = sock
     return port
 
 
+def held_socket(port: int) -> socket.socket | None:
+    """The socket this process holds for ``port`` (a server may listen on it)."""
+    return _held_ports.get(port)
+
+
 def release_port(port: int) -> None:
-    """Let go of a held port, just before the framework binds it."""
+    """Let go of a held port: just before a framework binds it, or when a server that
+    listened on it is done (shut down first: the server may still hold a copy)."""
     sock = _held_ports.pop(port, None)
     if sock is not None:
+        with contextlib.suppress(OSError):  # never listened, or already closed
+            sock.shutdown(socket.SHUT_RDWR)
         sock.close()
 
 
@@ -136,11 +138,8 @@ class WorkerActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         }
 
-    def free_port(self) -> int:
-        return free_port()
-
-    def hold_port(self) -> int:
-        return hold_port()
+    def hold_port(self, host: str = "") -> int:
+        return hold_port(host)
 
     def poll(self) -> list[Any]:
         return drain()
