@@ -38,15 +38,9 @@ from neve._internal.data.fragments import (
     SliceFragment,
     TableFragment,
 )
-from neve._internal.data.sources import (
-    ArrowSource,
-    LazyRemote,
-    Source,
-    distinct_of,
-    projected_schema,
-)
+from neve._internal.data.sources import ArrowSource, Source, distinct_of, projected_schema
 from neve._internal.data.spill import SpillFolder, shared_url, write_ipc
-from neve.exceptions import SourceError
+from neve._internal.runtime.tasks import LazyRemote, gather
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +73,9 @@ def counted(plan: Plan) -> Plan:
         return plan
     unsized = [i for i, f in enumerate(plan.fragments) if f.num_rows is None]
     if ray.is_initialized():
-        timeout = settings.PLAN_TIMEOUT_S.get()
-        refs = [_count_task.remote(plan.fragments[i]) for i in unsized]
-        try:
-            counts = ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise SourceError(
-                f"counting the rows of {len(unsized)} fragments took longer than {timeout:g} s "
-                f"(NEVE_PLAN_TIMEOUT_S={timeout:g}); likely causes: very large CSV files "
-                "(convert them to Parquet), or a node died"
-            ) from None
+        counts = gather([_count_task.remote(plan.fragments[i]) for i in unsized],
+                        f"counting the rows of {len(unsized)} fragments",
+                        "very large CSV files (convert them to Parquet), or a node died")
     else:
         counts = [plan.fragments[i].count() for i in unsized]
     fragments = list(plan.fragments)
@@ -207,16 +194,10 @@ def plan_distinct(plan: Plan, columns: Sequence[str], limit: int) -> dict[str, l
     tasks = max(1, min(len(fragments), DISTINCT_TASKS))
     groups = [fragments[i::tasks] for i in range(tasks)]
     if ray.is_initialized():
-        refs = [_distinct_task.remote(group, list(columns), limit) for group in groups]
-        timeout = settings.PLAN_TIMEOUT_S.get()
-        try:
-            parts = ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise SourceError(
-                f"finding the categories of {', '.join(columns)} took longer than {timeout:g} s "
-                f"(NEVE_PLAN_TIMEOUT_S={timeout:g}); likely causes: a node died, or the files "
-                "are very large: cast the columns to numbers in your query"
-            ) from None
+        parts = gather([_distinct_task.remote(group, list(columns), limit) for group in groups],
+                       f"finding the categories of {', '.join(columns)}",
+                       "a node died, or the files are very large: cast the columns to "
+                       "numbers in your query")
     else:
         parts = [distinct_in(group, list(columns), limit) for group in groups]
     out: dict[str, set[Any]] = {c: set() for c in columns}

@@ -26,8 +26,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from neve._internal import settings
 from neve._internal.data.fragments import Fragment, Plan, TableFragment
+from neve._internal.runtime.tasks import LazyRemote
 
 logger = logging.getLogger(__name__)
 
@@ -199,43 +199,20 @@ class RayDatasetSource(Source):
             yield from table.to_batches()
 
     def fragments(self, columns: Sequence[str] | None) -> list[Fragment] | None:
-        import ray
 
         from neve._internal.data.fragments import ObjectRefFragment
-        from neve.exceptions import SourceError
+        from neve._internal.runtime.tasks import gather
 
         dataset = self.dataset if columns is None else self.dataset.select_columns(list(columns))
         refs = dataset.to_arrow_refs()
-        timeout = settings.PLAN_TIMEOUT_S.get()
-        try:
-            counts = ray.get([_num_rows.remote(ref) for ref in refs], timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise SourceError(
-                f"counting the rows of the Ray Dataset's {len(refs)} blocks took longer than "
-                f"{timeout:g} s (NEVE_PLAN_TIMEOUT_S={timeout:g}); likely causes: the cluster "
-                "has no free CPU for Ray Data's tasks, or a node died"
-            ) from None
+        counts = gather([_num_rows.remote(ref) for ref in refs],
+                        f"counting the rows of the Ray Dataset's {len(refs)} blocks",
+                        "the cluster has no free CPU for Ray Data's tasks, or a node died")
         return [ObjectRefFragment(ref, n) for ref, n in zip(refs, counts, strict=True) if n]
 
 
 def _remote_num_rows(table: pa.Table) -> int:
     return int(table.num_rows)
-
-
-class LazyRemote:
-    """``ray.remote`` applied on first use, so importing neve does not import Ray."""
-
-    def __init__(self, fn: Any, **options: Any) -> None:
-        self._fn = fn
-        self._options = options or {"num_cpus": 0}
-        self._remote: Any = None
-
-    def remote(self, *args: Any) -> Any:
-        if self._remote is None:
-            import ray
-
-            self._remote = ray.remote(**self._options)(self._fn)
-        return self._remote.remote(*args)
 
 
 _num_rows = LazyRemote(_remote_num_rows)
