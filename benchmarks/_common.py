@@ -150,11 +150,16 @@ class Report:
     def write_json(self, path: str | None) -> None:
         if not path:
             return
+        import datetime
+
         payload = {
             "benchmark": self.name,
             "title": self.title,
             "params": self.params,
             "command": command_line(),
+            "finished": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
             "tables": self.tables,
             "targets": self.targets,
             "results": self.results,
@@ -517,16 +522,30 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str:
+def git_state() -> dict[str, Any]:
+    """The commit the code comes from, and whether the tree differs from it (with the
+    diff's hash, so a figure from a dirty tree names exactly what it ran)."""
+    import hashlib
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                              text=True, timeout=30).stdout
+
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip() or "?"
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
+        commit = git("rev-parse", "--short", "HEAD").strip() or "?"
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
     except Exception:
-        return "?"
+        return {"commit": "?", "dirty": None, "diff_sha1": None}
+    diff = hashlib.sha1(git("diff", "HEAD").encode()).hexdigest()[:12] if dirty else None
+    return {"commit": commit, "dirty": dirty, "diff_sha1": diff}
+
+
+def _git_commit() -> str:
+    state = git_state()
+    if state["dirty"]:
+        return (f"{state['commit']} PLUS UNCOMMITTED CHANGES (diff sha1 {state['diff_sha1']}): "
+                "no commit reproduces these figures")
+    return str(state["commit"])
 
 
 def machine() -> dict[str, Any]:

@@ -1,18 +1,21 @@
-"""Run the ingest, GBDT and PyTorch benchmarks and write BENCHMARKS.md from their results.
+"""Run the benchmarks and write BENCHMARKS.md from their results.
 
 Each benchmark runs as its own process (its own private local Ray, 2 CPUs unless
-``NEVE_LOCAL_NUM_CPUS`` says otherwise) and hands its figures back as JSON; this
-script writes them, the machine and the command to reproduce into
-``BENCHMARKS.md`` at the repository root. Never edit that file by hand: run this.
+``NEVE_LOCAL_NUM_CPUS`` says otherwise) and hands its figures back as JSON, which
+is kept in ``benchmarks/results/<name>.json`` with the machine, the versions and
+the commit it ran from. ``BENCHMARKS.md`` is rendered from every result kept there,
+each section naming its own commit and command. Never edit it by hand: run this.
 
-Full sizes take a while on a 2-core machine (tens of minutes); ``--quick`` runs
-small sizes to check that everything works (its figures mean little).
+Figures must come from a commit that exists: this refuses a tree with uncommitted
+changes (``--allow-dirty`` runs anyway and says so, with the diff's hash, in every
+section). Full sizes take a while on a 2-core machine (tens of minutes; ``scale``
+more: it is left out unless named in ``--only``); ``--quick`` runs small sizes to
+check that everything works (its figures mean little, and are not kept).
 """
 
 from __future__ import annotations
 
 import collections
-import datetime
 import os
 import subprocess
 import sys
@@ -28,8 +31,14 @@ except ImportError:  # run as a script: python benchmarks/run_all.py
     import _common as common  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("ingest", "gbdt", "torch")
-SCRIPTS = {"ingest": "ingest.py", "gbdt": "gbdt.py", "torch": "torch_bench.py"}
+RESULTS = HERE / "results"
+ORDER = ("ingest", "gbdt", "torch", "scale", "scale-50gb")
+DEFAULT = ("ingest", "gbdt", "torch")
+SCRIPTS = {"ingest": "ingest.py", "gbdt": "gbdt.py", "torch": "torch_bench.py",
+           "scale": "scale.py", "scale-50gb": "scale.py"}
+#: the 50 GB run: 430M rows x 29 float32 on a 24 GiB machine, XGBoost with external memory
+FIFTY_GB = ["--rows", "430000000", "--runs", "parquet-xgboost-external", "--rounds", "5",
+            "--name", "scale-50gb"]
 QUICK = {"ingest_rows": 100_000, "gbdt_rows": 50_000, "gbdt_rounds": 20, "torch_rows": 20_000}
 
 
@@ -39,8 +48,13 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"small sizes, to check the scripts ({QUICK})")
-    parser.add_argument("--only", default=",".join(ORDER),
-                        help="comma-separated benchmarks to run (default: ingest,gbdt,torch)")
+    parser.add_argument("--only", default=",".join(DEFAULT),
+                        help=f"comma-separated benchmarks to run, from {', '.join(ORDER)} "
+                        "(default: ingest,gbdt,torch); the others keep their last results")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="run with uncommitted changes (every section then says so)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: write BENCHMARKS.md from the kept results")
     parser.add_argument("--out", default=str(common.REPO / "BENCHMARKS.md"),
                         help="where to write the Markdown report (default: BENCHMARKS.md at the "
                         "repository root)")
@@ -87,7 +101,8 @@ def commands(args: Any, json_dir: Path) -> dict[str, list[str]]:
         gbdt.append("--no-ray-train")
         torch.append("--no-ray-train")
     return {"ingest": script("ingest", *ingest), "gbdt": script("gbdt", *gbdt),
-            "torch": script("torch", *torch)}
+            "torch": script("torch", *torch), "scale": script("scale"),
+            "scale-50gb": script("scale-50gb", *FIFTY_GB)}
 
 
 def run(name: str, command: list[str], timeout_s: float) -> dict[str, Any]:
@@ -117,12 +132,17 @@ def run(name: str, command: list[str], timeout_s: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    names = [] if args.render_only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(ORDER)
     if unknown:
         raise SystemExit(f"--only: unknown {sorted(unknown)}; use {', '.join(ORDER)}")
+    state = common.git_state()
+    if names and state["dirty"] and not args.allow_dirty:
+        raise SystemExit(
+            "run_all: the working tree has uncommitted changes, so no commit would reproduce "
+            "the figures. Commit them first, or pass --allow-dirty (every section then says "
+            f"so, with the diff's hash). Commit: {state['commit']}")
     os.environ.setdefault("NEVE_LOCAL_NUM_CPUS", "2")
-    started = datetime.datetime.now(datetime.timezone.utc)
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="neve-bench-") as folder:
         json_dir = Path(folder)
@@ -132,88 +152,96 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             runs[name] = run(name, all_commands[name], args.timeout_s)
             path = json_dir / f"{name}.json"
-            if path.exists():
+            if path.exists() and not args.quick:
                 import json
 
-                runs[name]["report"] = json.loads(path.read_text())
-    text = render(args, argv if argv is not None else sys.argv[1:], started, runs)
-    Path(args.out).write_text(text)
-    common.log(f"wrote {args.out}")
-    failed = [n for n, r in runs.items() if r["exit_code"] != 0 or "report" not in r]
+                report = json.loads(path.read_text())
+                report["run"] = {k: runs[name][k] for k in ("exit_code", "seconds", "timed_out")}
+                RESULTS.mkdir(exist_ok=True)
+                (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
+    if not args.quick:
+        Path(args.out).write_text(render(kept_results()))
+        common.log(f"wrote {args.out} from {common.rel(RESULTS)}/")
+    failed = [n for n, r in runs.items() if r["exit_code"] != 0]
     if failed:
         common.log(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
 
 
+def kept_results() -> dict[str, dict[str, Any]]:
+    import json
+
+    return {name: json.loads((RESULTS / f"{name}.json").read_text())
+            for name in ORDER if (RESULTS / f"{name}.json").exists()}
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
-def render(args: Any, argv: list[str], started: datetime.datetime,
-           runs: dict[str, dict[str, Any]]) -> str:
-    info = common.machine()
-    versions = info["versions"]
-    reproduce = " ".join(["python benchmarks/run_all.py", *argv]).strip()
+def render(results: dict[str, dict[str, Any]]) -> str:
     out = [
         "# Benchmarks",
         "",
-        f"Written by `benchmarks/run_all.py` on {started:%Y-%m-%d %H:%M} UTC. Do not edit by "
-        "hand: run the command below to produce it again.",
+        "Written by `benchmarks/run_all.py` from the results kept in `benchmarks/results/`. "
+        "Do not edit by hand. Each section names the commit it ran from and the command "
+        "that reproduces it; the machine is noisy (2 shared cores), so read ratios as "
+        "+-10 %.",
         "",
-    ]
-    if args.quick:
-        out += ["> **Quick run** (`--quick`): small sizes that only check the scripts work; "
-                "these figures say little about performance.", ""]
-    out += [
         "## Reproduce",
         "",
+        "<!-- not run: benchmarks take tens of minutes -->",
         "```sh",
         "pip install -e '.[dev]'        # or: pip install -e '.[all,bench]'",
-        reproduce,
+        "python benchmarks/run_all.py                      # ingest, gbdt, torch",
+        "python benchmarks/run_all.py --only scale         # 20M rows (about 20 minutes)",
+        "python benchmarks/run_all.py --only scale-50gb    # 50 GB, external memory (hours;"
+        " 70 GB of free disk)",
         "```",
         "",
         "Each benchmark also runs on its own: `python benchmarks/ingest.py --help`, "
-        "`gbdt.py`, `torch_bench.py`. Data is generated under `benchmarks/_data/` and "
-        "reused.",
-        "",
-        "## Machine",
-        "",
-        common.markdown_table(["", ""], [
-            ["CPU", f"{info['cpu_model']} ({info['logical_cores']} logical cores, "
-                    f"{info['physical_cores']} physical)"],
-            ["memory", f"{info['memory_gib']} GiB"],
-            ["OS", info["os"]],
-            ["Ray", "neve's private local instance, "
-                    f"NEVE_LOCAL_NUM_CPUS={os.environ.get('NEVE_LOCAL_NUM_CPUS')}, started "
-                    "before each measurement (not counted)"],
-            ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())],
-            ["neve commit", info["git_commit"]],
-        ]),
+        "`gbdt.py`, `torch_bench.py`, `scale.py`. Data is generated under "
+        "`benchmarks/_data/` and reused.",
         "",
     ]
+    if results:
+        info = max(results.values(), key=lambda r: r.get("finished", ""))["machine"]
+        out += [
+            "## Machine",
+            "",
+            common.markdown_table(["", ""], [
+                ["CPU", f"{info['cpu_model']} ({info['logical_cores']} logical cores, "
+                        f"{info['physical_cores']} physical)"],
+                ["memory", f"{info['memory_gib']} GiB"],
+                ["OS", info["os"]],
+                ["Ray", "neve's private local instance, started before each measurement "
+                        "(not counted)"],
+                ["versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())],
+            ]),
+            "",
+        ]
     targets = []
-    for name, result in runs.items():
-        for target in result.get("report", {}).get("targets", []):
+    for name, report in results.items():
+        for target in report.get("targets", []):
             targets.append([name, *common.target_rows([target])[0]])
     if targets:
         out += ["## Targets", "", common.markdown_table(["benchmark", *common.TARGET_HEADERS],
                                                         targets), ""]
-    for name, result in runs.items():
-        out += section(name, result)
+    for name, report in results.items():
+        out += section(name, report)
     return "\n".join(out).rstrip() + "\n"
 
 
-def section(name: str, result: dict[str, Any]) -> list[str]:
-    report = result.get("report")
-    title = report["title"] if report else name
-    out = [f"## {title}", ""]
-    if report is None or result["exit_code"] != 0:
-        why = "timed out" if result["timed_out"] else f"exited with code {result['exit_code']}"
-        out += [f"`{SCRIPTS[name]}` {why} after {result['seconds']:.0f} s. Its last lines:",
-                "", "```", *result["tail"], "```", ""]
-        if report is None:
-            return out
+def section(name: str, report: dict[str, Any]) -> list[str]:
+    run = report.get("run", {})
+    out = [f"## {report['title']}", ""]
+    commit = report.get("machine", {}).get("git_commit", "?")
+    took = f"; {run['seconds']:.0f} s in all" if "seconds" in run else ""
+    out += [f"Commit {commit}, {report.get('finished', '?')}: `{report['command']}`{took}", ""]
+    if run.get("exit_code"):
+        why = "timed out" if run.get("timed_out") else f"exited with code {run['exit_code']}"
+        out += [f"`{SCRIPTS[name]}` {why}: the figures below may be partial.", ""]
     params = ", ".join(f"{k}={v}" for k, v in report["params"].items())
-    out += [f"`{report['command']}` ({params}; {result['seconds']:.0f} s in all)", ""]
+    out += [f"Parameters: {params}", ""]
     for table in report["tables"]:
         out += [f"**{table['title']}**", "", common.markdown_table(table["headers"],
                                                                    table["rows"]), ""]

@@ -314,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--runs", default=",".join(ALL_RUNS),
                         help=f"comma-separated, from: {', '.join(ALL_RUNS)}")
     parser.add_argument("--no-native", action="store_true", help="neve only")
+    parser.add_argument("--name", default="scale", help="the report's name (run_all keeps it "
+                        "as benchmarks/results/<name>.json)")
     parser.add_argument("--keep-data", action="store_true",
                         help=f"keep generated data above {KEEP_ROWS:,} rows too (smaller data "
                         "is kept under benchmarks/_data for the next run)")
@@ -361,8 +363,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.Report:
-    report = common.Report("scale", f"Scale: {args.rows:,} rows from DuckDB, Parquet and "
-                           "PostgreSQL", {"rows": args.rows, "features": common.NUM_FEATURES,
+    title = (f"Scale: {args.rows:,} rows from DuckDB, Parquet and PostgreSQL"
+             if args.name == "scale" else
+             f"Scale: {args.rows:,} rows ({args.rows * common.ROW_BYTES / 1e9:.0f} GB of "
+             f"float32), {', '.join(runs)}")
+    report = common.Report(args.name, title, {"rows": args.rows, "features": common.NUM_FEATURES,
                                           "float32_gib": round(args.rows * common.ROW_BYTES
                                                                / GIB, 2),
                                           "rounds": args.rounds,
@@ -376,11 +381,12 @@ def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.
             if m is None:
                 continue
             if m["status"] != "ok":
-                rows.append([name, who, "-", "-", "-", "-", f"failed: {m['reason']}"])
+                rows.append([name, who, "-", "-", "-", "-", "-", f"failed: {m['reason']}"])
                 continue
             vs = (common.fmt_x(common.ratio(m["seconds"], native["seconds"]))
                   if native.get("status") == "ok" else "-")
             rows.append([name, who, common.fmt_s(m["seconds"]), vs,
+                         common.fmt_rate(args.rows / m["seconds"]),
                          f"{m['memory'] / GIB:.2f}", common.fmt_x(m["memory_ratio"]),
                          f"{100 * m['driver_cpu_share']:.0f} %"])
         neve = r.get("neve", {})
@@ -397,7 +403,8 @@ def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.
             report.target(f"{name}: fit time vs native", "<= 1.00x", speed, speed <= 1.0)
     report.table(
         "Fit from the source to a Booster: time, machine memory, driver CPU",
-        ["run", "who", "fit s", "vs native", "memory GiB", "memory / float32", "driver CPU"],
+        ["run", "who", "fit s", "vs native", "rows/s", "memory GiB", "memory / float32",
+         "driver CPU"],
         rows,
         notes=[
             f"float32 bytes: {args.rows:,} rows x 29 x 4 B = "
@@ -410,8 +417,33 @@ def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.
             "workers warmed by a 1,000-row fit before each run",
         ],
     )
+    report.notes.extend(_against_the_in_memory_run(args, results, runs))
     report.results = results
     return report
+
+
+def _against_the_in_memory_run(args: Any, results: dict[str, Any], runs: list[str]) -> list[str]:
+    """For a big run: its rows/s against the 20M-row in-memory run that run_all kept."""
+    import json
+
+    kept = common.REPO / "benchmarks" / "results" / "scale.json"
+    if args.name == "scale" or not kept.exists():
+        return []
+    small = json.loads(kept.read_text())
+    base = small["results"].get("parquet-xgboost", {}).get("neve", {})
+    if base.get("status") != "ok":
+        return []
+    base_rate = small["params"]["rows"] / base["seconds"]
+    out = []
+    for name in runs:
+        neve = results[name].get("neve", {})
+        if neve.get("status") == "ok":
+            rate = args.rows / neve["seconds"]
+            out.append(f"{name}: {common.fmt_rate(rate)} rows/s, "
+                       f"{rate / base_rate:.2f}x the in-memory parquet-xgboost run of "
+                       f"{small['params']['rows']:,} rows ({common.fmt_rate(base_rate)} rows/s, "
+                       f"commit {small.get('machine', {}).get('git_commit', '?')})")
+    return out
 
 
 if __name__ == "__main__":

@@ -23,23 +23,18 @@ def free_cpus() -> float:
     return float(ray.available_resources().get("CPU", 0.0))
 
 
-def test_a_second_fit_reuses_the_warm_workers_and_is_faster(groups: list[Any]) -> None:
+def test_a_second_fit_reuses_the_warm_workers(groups: list[Any]) -> None:
+    """The same processes serve the next fit of the same shape (how much faster that is
+    lives in benchmarks/gbdt.py, not in a test)."""
     group.shutdown_idle()  # the first fit below starts its workers from scratch
     frame = make_frame(5_000, seed=1)
     scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
-
-    timings = []
     for _ in range(2):
-        start = time.monotonic()
         XGBEstimator(n_estimators=10, scaling_config=scaling).fit(frame, INPUTS, "y")
-        timings.append(time.monotonic() - start)
-    cold, warm = timings
-    print(f"first fit {cold:.2f} s, warm fit {warm:.2f} s")
 
     first, second = groups
     assert second is first
     assert [w.pid for w in second.workers] == [w.pid for w in first.workers]
-    assert warm < cold
     # Between fits the group stays warm, holding its CPUs.
     assert first.alive and free_cpus() == RAY_CPUS - 2
 
