@@ -176,7 +176,9 @@ TARGET_HEADERS = ["what", "target", "reached", "met"]
 def fmt_reached(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    return f"{value:+.2f} s" if unit == "s" else fmt_x(value)
+    if unit == "s":
+        return f"{value:+.2f} s"
+    return fmt_x(value) if unit == "x" else f"{value:.0f} {unit}"
 
 
 def target_rows(targets: Sequence[dict[str, Any]]) -> list[list[str]]:

@@ -32,10 +32,10 @@ except ImportError:  # run as a script: python benchmarks/run_all.py
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ("ingest", "gbdt", "torch", "scale", "scale-50gb")
-DEFAULT = ("ingest", "gbdt", "torch")
+ORDER = ("ingest", "gbdt", "torch", "artifacts", "scale", "scale-50gb")
+DEFAULT = ("ingest", "gbdt", "torch", "artifacts")
 SCRIPTS = {"ingest": "ingest.py", "gbdt": "gbdt.py", "torch": "torch_bench.py",
-           "scale": "scale.py", "scale-50gb": "scale.py"}
+           "artifacts": "artifacts.py", "scale": "scale.py", "scale-50gb": "scale.py"}
 #: the 50 GB run: 430M rows x 29 float32 on a 24 GiB machine, XGBoost with external memory
 FIFTY_GB = ["--rows", "430000000", "--runs", "parquet-xgboost-external", "--rounds", "5",
             "--name", "scale-50gb"]
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         help=f"small sizes, to check the scripts ({QUICK})")
     parser.add_argument("--only", default=",".join(DEFAULT),
                         help=f"comma-separated benchmarks to run, from {', '.join(ORDER)} "
-                        "(default: ingest,gbdt,torch); the others keep their last results")
+                        "(default: ingest,gbdt,torch,artifacts); the others keep their last "
+                        "results")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="run with uncommitted changes (every section then says so)")
     parser.add_argument("--render-only", action="store_true",
@@ -101,7 +102,9 @@ def commands(args: Any, json_dir: Path) -> dict[str, list[str]]:
         gbdt.append("--no-ray-train")
         torch.append("--no-ray-train")
     return {"ingest": script("ingest", *ingest), "gbdt": script("gbdt", *gbdt),
-            "torch": script("torch", *torch), "scale": script("scale"),
+            "torch": script("torch", *torch),
+            "artifacts": script("artifacts", *(["--gb", "0.1"] if args.quick else [])),
+            "scale": script("scale"),
             "scale-50gb": script("scale-50gb", *FIFTY_GB)}
 
 
@@ -192,7 +195,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "<!-- not run: benchmarks take tens of minutes -->",
         "```sh",
         "pip install -e '.[dev]'        # or: pip install -e '.[all,bench]'",
-        "python benchmarks/run_all.py                      # ingest, gbdt, torch",
+        "python benchmarks/run_all.py                      # ingest, gbdt, torch, artifacts",
         "python benchmarks/run_all.py --only scale         # 20M rows (about 20 minutes)",
         "python benchmarks/run_all.py --only scale-50gb    # 50 GB, external memory (hours;"
         " 70 GB of free disk)",

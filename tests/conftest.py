@@ -22,6 +22,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 os.environ.setdefault("NEVE_PROGRESS", "0")
 os.environ.setdefault("NEVE_WORKER_IDLE_TIMEOUT_S", "300")
 os.environ.setdefault("NEVE_PLACEMENT_TIMEOUT_S", "10")
+# Estimators made in tests do not start workers on their own (test_gbdt_pool tests that).
+os.environ.setdefault("NEVE_PRESTART", "0")
+# Restart tests choose the round a worker dies in: every tenth of the rounds checkpoints.
+os.environ.setdefault("NEVE_CHECKPOINT_INTERVAL_S", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
 RAY_CPUS = 4

@@ -168,3 +168,14 @@ def test_lightgbm_has_no_external_memory() -> None:
 
     with pytest.raises(ConfigError, match="lightgbm has no external-memory mode"):
         LightGBMEstimator().fit(make_frame(100), INPUTS, "y", external_memory=True)
+
+
+def test_external_memory_that_would_fill_the_disk_is_refused(tmp_path: Path) -> None:
+    """xgboost aborts its process when a page cannot be written; neve checks first."""
+    from neve._internal.gbdt.xgb import _check_disk
+    from neve.exceptions import ResourcesUnavailableError
+
+    _check_disk(str(tmp_path), 1_000, 28)  # a few kB: fine
+    with pytest.raises(ResourcesUnavailableError,
+                       match=r"external memory needs about .* GiB of local disk .* TMPDIR"):
+        _check_disk(str(tmp_path), 10**13, 28)  # 640 TB of pages

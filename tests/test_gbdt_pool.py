@@ -65,3 +65,41 @@ def test_an_idle_pool_gives_its_resources_back_after_the_idle_timeout(
     assert free_cpus() == RAY_CPUS, "the idle workers kept their CPUs"
     assert time.monotonic() - finished >= 0.9  # not before NEVE_WORKER_IDLE_TIMEOUT_S
     assert not workers.alive
+
+
+@pytest.mark.usefixtures("reserved_cpus_after")
+def test_an_estimator_made_on_a_running_ray_starts_its_workers(
+    groups: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made on neve's own Ray, an estimator starts the group its fit will ask for, with
+    its framework imported, in the background; the fit then runs on those processes."""
+    import sys
+
+    from neve._internal.context import WorkerContext
+
+    group.shutdown_idle()
+    monkeypatch.setenv("NEVE_PRESTART", "1")
+    scaling = LightGBMScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    estimator = LightGBMEstimator(n_estimators=3, scaling_config=scaling)
+    group._pool._await_starting()
+    (layout,) = group._pool._idle  # started, and waiting warm
+    started = group._pool._idle[layout][0]
+
+    def imported(ctx: WorkerContext) -> bool:
+        return "lightgbm" in sys.modules  # nothing in this function imports it
+
+    assert started.run(imported, [WorkerContext(rank=r, world_size=2) for r in range(2)]) == [
+        True, True]
+    estimator.fit(make_frame(2_000), INPUTS, "y")
+    assert groups == [started]
+
+
+def test_nothing_starts_on_a_cluster_neve_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neve._internal.runtime import cluster
+
+    group.shutdown_idle()
+    monkeypatch.setenv("NEVE_PRESTART", "1")
+    monkeypatch.delenv("NEVE_WORKER_IDLE_TIMEOUT_S")
+    monkeypatch.setattr(cluster, "_started_here", False)
+    XGBEstimator(scaling_config=XGBScalingConfig(num_workers=2, num_cpu_per_worker=1))
+    assert not group._pool._starting and not group._pool._idle

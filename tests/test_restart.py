@@ -155,3 +155,25 @@ def test_an_exception_in_user_code_is_never_retried(tmp_path: Path) -> None:
         estimator.fit(make_frame(1_000), INPUTS, "y", max_failures=3)
     assert len(calls.read_text()) <= 2  # one attempt: each rank's callback ran at most once
     assert_no_reservations()
+
+
+def test_a_short_fit_restarts_from_the_start_instead_of_checkpointing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Restart checkpoints come no sooner than NEVE_CHECKPOINT_INTERVAL_S apart: a fit
+    shorter than that makes none, and a lost worker starts it again from round 0."""
+    import logging
+
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    monkeypatch.setenv("NEVE_CHECKPOINT_INTERVAL_S", "3600")
+    kill_once = _xgboost_killer(tmp_path / "killed", at_round=7)
+    scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    frame = make_frame(2_000, seed=5)
+    estimator = XGBEstimator(n_estimators=20, scaling_config=scaling, callbacks=[kill_once])
+    with caplog.at_level(logging.WARNING, logger="neve"):
+        booster = estimator.fit(frame, INPUTS, "y")
+    assert (tmp_path / "killed").exists()
+    assert booster.num_boosted_rounds() == 20
+    assert "restarting every worker from the start" in caplog.text
+    assert_no_reservations()

@@ -58,6 +58,12 @@ WORKER_IDLE_TIMEOUT_S = Setting(
     "how long a warm worker group waits for the next run before giving its resources back "
     "(on a cluster neve joined rather than started: 0, unless set)",
 )
+PRESTART = Setting(
+    "NEVE_PRESTART",
+    1.0,
+    "1: when an estimator or distributor is made on a running Ray where warm workers are "
+    "kept, its workers start in the background; 0: only when a run asks",
+)
 COLLECTIVE_TIMEOUT_S = Setting(
     "NEVE_COLLECTIVE_TIMEOUT_S",
     60.0,
@@ -72,6 +78,12 @@ PLAN_TIMEOUT_S = Setting(
     "NEVE_PLAN_TIMEOUT_S",
     120.0,
     "how long planning may wait for the cluster (counting a Ray Dataset's blocks, say)",
+)
+CHECKPOINT_INTERVAL_S = Setting(
+    "NEVE_CHECKPOINT_INTERVAL_S",
+    10.0,
+    "the least time between two of a GBDT fit's checkpoints for restarts (with a "
+    "checkpoint stage, every tenth of the rounds is one)",
 )
 CHECKPOINT_TIMEOUT_S = Setting(
     "NEVE_CHECKPOINT_TIMEOUT_S",

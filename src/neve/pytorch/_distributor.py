@@ -79,6 +79,12 @@ class PyTorchDistributor:
             )
         self.train_func = train_func
         self.scaling_config = scaling_config
+        # On a running Ray, the workers start (and import torch) before run asks.
+        group.prestart(self._layout, ("torch",))
+
+    def _layout(self, view: cluster.ClusterView) -> Layout:
+        return self.scaling_config.layout() if self.scaling_config is not None else (
+            default_layout(view))
 
     def run(
         self,
@@ -120,9 +126,9 @@ class PyTorchDistributor:
 
         cluster.ensure_ray()
         view = cluster.view()
-        layout = (self.scaling_config.layout() if self.scaling_config is not None
-                  else default_layout(view))
+        layout = self._layout(view)
         layout.check_feasible(view)
+        group.prepare(layout, ("torch",))  # workers start while the driver plans the data
         connectors = list((dataset_map or {}).values())
         run = _Run(self.train_func, layout, store, dict(hyper_params or {}),
                    dict(dataset_map or {}))

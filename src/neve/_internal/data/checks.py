@@ -198,16 +198,16 @@ def warn_high_cardinality(categories: Mapping[str, Sequence[Any]], rows: int | N
 
 
 def has_rows(source: Source) -> bool | None:
-    """Whether the source holds a row, where one batch tells (``None``: not known cheaply)."""
+    """Whether the source holds a row, where that is cheap to tell (``None``: it is not):
+    a table in memory, Parquet footers, a plain scan in DuckDB. A query that aggregates
+    or joins would run twice, so it is found empty once it is planned."""
     from neve._internal.data.files import FileSource
 
-    if not isinstance(source, (DuckDBSource, ArrowSource, FileSource)):
-        return None  # an ADBC query would run twice; a Ray Dataset needs Ray
-    first = source.schema().names[:1]
-    stream = source.stream(first)
-    try:
-        return any(batch.num_rows for batch in stream)
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+    if isinstance(source, ArrowSource):
+        return source.table.num_rows > 0
+    if isinstance(source, DuckDBSource):
+        return source.has_rows()
+    if isinstance(source, FileSource) and source.format != "csv":
+        fragments = source.fragments(None)
+        return None if fragments is None else any(f.num_rows for f in fragments)
+    return None  # an ADBC query would run twice; a Ray Dataset needs Ray

@@ -156,6 +156,7 @@ class FileSource(Source):
         count = len(files)
         self.description = f"{count} {self.format} file{'s' if count != 1 else ''}"
         self._datasets: list[Any] | None = None
+        self._fragments: list[Fragment] | None = None
 
     @property
     def files(self) -> list[tuple[Any, str]]:
@@ -203,6 +204,12 @@ class FileSource(Source):
         return counted(plan)
 
     def _file_fragments(self) -> list[Fragment]:
+        """Every file's row groups / record batches (footers read once, in parallel)."""
+        if self._fragments is None:
+            self._fragments = self._find_fragments()
+        return self._fragments
+
+    def _find_fragments(self) -> list[Fragment]:
         import pyarrow.dataset as ds
 
         if self.format == "ipc":

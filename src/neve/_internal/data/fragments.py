@@ -11,17 +11,16 @@ sized fragments into ``world_size`` contiguous row ranges, so every row lands in
 exactly one shard and shard sizes differ by at most one row. A plan with unsized
 fragments hands out whole fragments instead, balanced by their estimated rows;
 ``equal=True`` and ranking groups need exact cuts, so such a plan is counted first
-(:meth:`Plan.counted`, one ``count(*)`` per fragment, run by the database).
+(``plans.counted``: the database, or Ray tasks, count them).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -283,14 +282,6 @@ class Plan:
         return sum(f.estimated_rows if f.num_rows is None else f.num_rows
                    for f in self.fragments)
 
-    def counted(self) -> Plan:
-        """This plan with every fragment's row count known (asks unsized ones)."""
-        if self.sized:
-            return self
-        fragments = [f if f.num_rows is not None else replace(f, num_rows=f.count())  # type: ignore[type-var]
-                     for f in self.fragments]
-        return Plan([f for f in fragments if f.num_rows], self.schema, self.lease)
-
     def pieces(self, start: int = 0, stop: int | None = None) -> list[Piece]:
         """The pieces covering global rows ``[start, stop)`` (a sized plan)."""
         total = self.num_rows
@@ -370,13 +361,3 @@ def shard_bounds(
         per = num_rows // world_size
         return rank * per, (rank + 1) * per
     return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
-
-
-@contextlib.contextmanager
-def released_on_error(plan: Plan) -> Iterator[Plan]:
-    """Release ``plan`` if the block raises (Ctrl-C included)."""
-    try:
-        yield plan
-    except BaseException:
-        plan.release()
-        raise

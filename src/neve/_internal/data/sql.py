@@ -162,6 +162,18 @@ class DuckDBSource(Source):
             with _lean_buffer_pool(rel):
                 yield from rel.to_arrow_reader(STREAM_BATCH_ROWS)
 
+    def has_rows(self) -> bool | None:
+        """Whether a plain scan finds a row (``None`` for a query that would run fully)."""
+        import duckdb
+
+        with self._open() as rel, source_error(self.description):
+            try:
+                if not _plain_scan(rel):
+                    return None
+            except duckdb.Error:
+                return None
+            return bool(rel.limit(1).fetchall())
+
     def null_counts(self, columns: Sequence[str]) -> tuple[dict[str, int], int]:
         """NULLs per column and the row count, counted by DuckDB."""
         counts = ", ".join(f"count({quote(c)})" for c in columns)

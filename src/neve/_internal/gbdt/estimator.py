@@ -14,6 +14,7 @@ from neve._internal.data.errors import check_columns
 from neve._internal.gbdt import runner
 from neve._internal.gbdt.config import GBDTScalingConfig
 from neve._internal.gbdt.features import BATCH_ROWS, FeatureSpec, feature_matrix
+from neve._internal.runtime import group
 from neve._internal.signatures import checked_keywords
 from neve.exceptions import ConfigError, EmptyDatasetError, NeveError
 
@@ -72,6 +73,16 @@ class GBDTEstimator(Generic[BoosterT]):
         self._evals_result: dict[str, dict[str, list[float]]] = {}
         self._spec: FeatureSpec | None = None
         self.best_iteration: int | None = None
+        self._prestart()
+
+    def _prestart(self) -> None:
+        """On a running Ray, let this estimator's workers start before fit asks."""
+        scaling = self.scaling_config
+        if scaling is not None and not isinstance(scaling, GBDTScalingConfig):
+            return  # fit says what is wrong
+        backend = self._backend()
+        group.prestart(lambda view: runner.layout_for(backend, scaling or self._scaling_type(),
+                                                      view), (backend.name,))
 
     # -- framework hooks ----------------------------------------------------------------
 

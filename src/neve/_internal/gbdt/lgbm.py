@@ -19,7 +19,13 @@ from neve._internal import settings
 from neve._internal.context import WorkerContext
 from neve._internal.data.resolve import PlanSource
 from neve._internal.gbdt.features import FeatureSpec, feature_matrix, group_sizes, targets
-from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
+from neve._internal.gbdt.runner import (
+    Backend,
+    CheckpointClock,
+    TrainResult,
+    TrainTask,
+    plain_floats,
+)
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, release_port, report
 
@@ -133,15 +139,16 @@ class _Log:
             print(f"[LightGBM] {message.strip()}", file=sys.stderr)
 
 
-def _reporter(offset: int, checkpoint_every: int, init: Any) -> Callable[[Any], None]:
+def _reporter(task: TrainTask, init: Any) -> Callable[[Any], None]:
     """Sends each round's metrics (and checkpoints) to the driver (rank 0 only)."""
+    offset, clock = task.round_offset, CheckpointClock(task)
 
     def callback(env: Any) -> None:
         metrics: dict[str, dict[str, float]] = {}
         for data, name, value, *_ in env.evaluation_result_list or []:
             metrics.setdefault(data, {})[name] = float(value)
         event: dict[str, Any] = {"iteration": offset + env.iteration, "metrics": metrics}
-        if checkpoint_every and (env.iteration + 1) % checkpoint_every == 0:
+        if clock.due(env.iteration):
             current = lgb.Booster(model_str=env.model.model_to_string(num_iteration=-1))
             event["checkpoint"] = merged(current, init).model_to_string(num_iteration=-1)
         report(event)
@@ -241,7 +248,7 @@ class LightGBMBackend(Backend):
         if task.early_stopping_rounds:
             callbacks.append(lgb.early_stopping(task.early_stopping_rounds, verbose=False))
         if ctx.rank == 0:
-            callbacks.append(_reporter(task.round_offset, task.checkpoint_every, init))
+            callbacks.append(_reporter(task, init))
         booster = lgb.train(
             params,
             dtrain,

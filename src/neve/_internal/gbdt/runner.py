@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from neve._internal import stages
+from neve._internal import settings, stages
 from neve._internal.context import WorkerContext
 from neve._internal.data.checks import warn_high_cardinality
 from neve._internal.data.fragments import Plan
@@ -50,8 +51,10 @@ class TrainTask:
     init_model: Any = None
     #: rounds already in ``init_model`` when resuming after a failure (xgboost counts from 0)
     round_offset: int = 0
-    #: rank 0 sends a checkpoint every this many rounds (0: never)
+    #: rank 0 sends a checkpoint every this many rounds (0: never) ...
     checkpoint_every: int = 0
+    #: ... but not sooner than this many seconds after the last one (0: always)
+    checkpoint_min_interval_s: float = 0.0
     #: xgboost: build an external-memory matrix, its binned pages on local disk
     external_memory: bool = False
 
@@ -68,6 +71,25 @@ class TrainTask:
             return PlanSource.whole(self.eval, "the eval set")
         return PlanSource(self.eval.shard(ctx.rank, ctx.world_size), self.eval.schema,
                           f"eval shard {ctx.rank} of {ctx.world_size}")
+
+
+class CheckpointClock:
+    """Rank 0's rule for when a round ends with a checkpoint (made on the worker)."""
+
+    def __init__(self, task: TrainTask) -> None:
+        self.every = task.checkpoint_every
+        self.min_interval_s = task.checkpoint_min_interval_s
+        self.last = time.monotonic()
+
+    def due(self, round_index: int) -> bool:
+        """Whether round ``round_index`` (from 0, in this attempt) ends with one."""
+        if not self.every or (round_index + 1) % self.every:
+            return False
+        now = time.monotonic()
+        if now - self.last < self.min_interval_s:
+            return False
+        self.last = now
+        return True
 
 
 @dataclass
@@ -181,10 +203,8 @@ def fit(
 
     cluster.ensure_ray()
     view = cluster.view()
-    gpu_unsupported = (  # asked only where GPUs could be used: LightGBM's check runs a probe
-        backend.gpu_unsupported() if view.total_gpus and scaling.use_gpu is not False else None
-    )
-    layout = scaling.resolve(view, gpu_unsupported=gpu_unsupported)
+    layout = layout_for(backend, scaling, view)
+    group.prepare(layout, (backend.name,))  # workers start while the driver plans the data
     connectors = [c for c in (train, evaluation) if c is not None]
     with contextlib.ExitStack() as plans:  # the run's spills and snapshots go when it ends
         for connector in connectors:
@@ -225,6 +245,15 @@ def _checkpoints(backend: Backend, stage: Any, resume_from: str | None,
     logger.info("%s: resuming %s from its checkpoint at round %d", backend.name,
                 store.request_id, history.rounds_done)
     return store, history
+
+
+def layout_for(backend: Backend, scaling: GBDTScalingConfig,
+               view: cluster.ClusterView) -> Layout:
+    """Where the workers of a fit go on this cluster."""
+    gpu_unsupported = (  # asked only where GPUs could be used: LightGBM's check runs a probe
+        backend.gpu_unsupported() if view.total_gpus and scaling.use_gpu is not False else None
+    )
+    return scaling.resolve(view, gpu_unsupported=gpu_unsupported)
 
 
 def _memory_per_worker(view: cluster.ClusterView, layout: Layout) -> float:
@@ -276,8 +305,11 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
         use_gpu=bool(layout.gpus_per_worker),
         init_model=history.checkpoint if history.checkpoint is not None else init_model,
         round_offset=history.rounds_done,
-        # Checkpoints for restarts (every tenth of the rounds) when a failure may be retried
+        # Checkpoints for restarts, every tenth of the rounds when a failure may be retried;
+        # for restarts alone, not sooner than NEVE_CHECKPOINT_INTERVAL_S after the last one
+        # (a short fit starts again instead of paying for checkpoints it will not use).
         checkpoint_every=max(1, num_boost_round // 10) if max_failures or store else 0,
+        checkpoint_min_interval_s=0.0 if store else settings.CHECKPOINT_INTERVAL_S.get(),
         external_memory=backend.external_memory(
             external_memory, -(-train_plan.estimated_rows // layout.num_workers),
             len(spec.input_cols), budget),

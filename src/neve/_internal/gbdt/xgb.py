@@ -19,9 +19,16 @@ from neve._internal.gbdt.features import (
     empty_arrays,
     iter_arrays,
 )
-from neve._internal.gbdt.runner import Backend, TrainResult, TrainTask, plain_floats
+from neve._internal.gbdt.runner import (
+    Backend,
+    CheckpointClock,
+    TrainResult,
+    TrainTask,
+    plain_floats,
+)
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, report
+from neve.exceptions import ResourcesUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +110,16 @@ def quantile_matrix(source: Source, spec: FeatureSpec, what: str, params: dict[s
 class _Report(xgb.callback.TrainingCallback):
     """Sends each round's latest metrics (and checkpoints) to the driver (rank 0 only)."""
 
-    def __init__(self, offset: int, checkpoint_every: int) -> None:
+    def __init__(self, task: TrainTask) -> None:
         super().__init__()
-        self.offset = offset
-        self.checkpoint_every = checkpoint_every
+        self.offset = task.round_offset
+        self.clock = CheckpointClock(task)
 
     def after_iteration(self, model: Any, epoch: int, evals_log: dict[str, Any]) -> bool:
         metrics = {data: {name: float(values[-1]) for name, values in log.items()}
                    for data, log in evals_log.items()}
         event: dict[str, Any] = {"iteration": self.offset + epoch, "metrics": metrics}
-        if self.checkpoint_every and (epoch + 1) % self.checkpoint_every == 0:
+        if self.clock.due(epoch):
             event["checkpoint"] = bytes(model.save_raw("ubj"))
         report(event)
         return False
@@ -128,6 +135,29 @@ def in_memory_bytes(rows: int, features: int) -> int:
 #: automatic external memory when the in-memory matrix would take more than this
 #: share of a worker's memory (what Ray gives tasks on its node, split among its workers)
 EXTERNAL_MEMORY_SHARE = 0.5
+
+
+def external_memory_bytes(rows: int, features: int) -> int:
+    """Local disk xgboost's external-memory pages take: the bin index and its
+    column-major copy (1 byte per feature each) and row pointers (measured: 64 B/row
+    for 28 features)."""
+    return rows * (2 * features + 8)
+
+
+def _check_disk(folder: str, rows: int, features: int) -> None:
+    """Fail before writing pages that would fill the disk (xgboost aborts the process
+    when a write fails, and a full disk stops every other program on the machine)."""
+    import shutil
+
+    need = external_memory_bytes(rows, features)
+    free = shutil.disk_usage(folder).free
+    if need > 0.9 * free:
+        raise ResourcesUnavailableError(
+            f"external memory needs about {need / 2**30:.1f} GiB of local disk for xgboost's "
+            f"pages of {rows:,} rows under {folder}, and {free / 2**30:.1f} GiB is free: free "
+            "disk space, point TMPDIR at a larger disk, spread the rows over more workers, "
+            "or pass external_memory=False if the shard fits in memory"
+        )
 
 
 class XGBoostBackend(Backend):
@@ -187,7 +217,10 @@ class XGBoostBackend(Backend):
         # would fail the peers' pending collectives, and their errors could reach the
         # driver before this one, the cause. The driver stops every worker of a failed run.
         train_source = task.train_source(ctx)
-        cache = run_folder("xgboost").path if task.external_memory else None
+        cache = None
+        if task.external_memory:
+            cache = run_folder("xgboost").path
+            _check_disk(cache, train_source.num_rows, len(task.spec.input_cols))
         dtrain = quantile_matrix(train_source, task.spec, train_source.description, params,
                                  task.threads, cache_prefix=cache and f"{cache}/train")
         evals = [(dtrain, "train")]
@@ -200,7 +233,7 @@ class XGBoostBackend(Backend):
         evals_result: dict[str, Any] = {}
         callbacks = list(task.callbacks)
         if ctx.rank == 0:
-            callbacks.append(_Report(task.round_offset, task.checkpoint_every))
+            callbacks.append(_Report(task))
         init = xgb.Booster(model_file=bytearray(task.init_model)) if task.init_model else None
         booster = xgb.train(
             params,

@@ -58,7 +58,7 @@ class WorkerInfo:
 class WorkerGroup:
     """``layout.num_workers`` actors, gang-scheduled, ranked by node."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, preload: tuple[str, ...] = ()) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -86,7 +86,7 @@ class WorkerGroup:
                         num_cpus=layout.cpus_per_worker,
                         num_gpus=layout.gpus_per_worker,
                         scheduling_strategy=strategy,
-                    ).remote(f"rank {rank}")
+                    ).remote(f"rank {rank}", preload)
                 )
             self._describe_workers(self._await_start())
         except BaseException:  # Ctrl-C included: leave nothing reserved
@@ -336,15 +336,51 @@ class _EventPump:
 
 
 class _Pool:
-    """Idle groups kept warm for the next run of the same layout."""
+    """Idle groups kept warm for the next run of the same layout, and groups starting in
+    the background for a run that is about to ask (:meth:`prepare`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: dict[Layout, tuple[WorkerGroup, float]] = {}
+        self._starting: dict[Layout, threading.Event] = {}
         self._timer: threading.Timer | None = None
         atexit.register(self.close)
 
+    def prepare(self, layout: Layout, preload: tuple[str, ...] = ()) -> None:
+        """Start a group of ``layout`` in the background (its processes import
+        ``preload``), unless one of that shape is idle or starting; it joins the warm
+        pool, where the next :meth:`acquire` of that layout finds it. Nothing starts
+        where warm groups are not kept (a shared cluster, unless asked)."""
+        if settings.worker_idle_timeout_s(shared_cluster=not cluster.started_here()) <= 0:
+            return
+        with self._lock:
+            if layout in self._idle or layout in self._starting:
+                return
+            done = self._starting[layout] = threading.Event()
+        threading.Thread(target=self._start, args=(layout, preload, done),
+                         name="neve-prepare", daemon=True).start()
+
+    def _start(self, layout: Layout, preload: tuple[str, ...], done: threading.Event) -> None:
+        try:
+            self.release(WorkerGroup(layout, preload))
+        except BaseException as exc:  # the run that asks for it will meet the cause itself
+            logger.debug("starting a %s group in the background failed: %s",
+                         layout.describe(), exc)
+        finally:
+            with self._lock:
+                self._starting.pop(layout, None)
+            done.set()
+
+    def _await_starting(self, layouts: Sequence[Layout] | None = None) -> None:
+        """Wait for groups starting in the background (bounded by their own waits)."""
+        with self._lock:
+            pending = [e for k, e in self._starting.items() if layouts is None or k in layouts]
+        limit = settings.PLACEMENT_TIMEOUT_S.get() + settings.WORKER_START_TIMEOUT_S.get()
+        for done in pending:
+            done.wait(limit)
+
     def acquire(self, layout: Layout) -> WorkerGroup:
+        self._await_starting()  # one of this shape is taken; others give their CPUs back
         with self._lock:
             entry = self._idle.pop(layout, None)
             others = list(self._idle.values())
@@ -408,6 +444,7 @@ class _Pool:
 
     def close(self) -> None:
         """Shut every idle group down (at exit, or when a caller asks)."""
+        self._await_starting()
         with self._lock:
             groups = [g for g, _ in self._idle.values()]
             self._idle.clear()
@@ -427,8 +464,36 @@ class _Pool:
 _pool = _Pool()
 
 
+def prepare(layout: Layout, preload: tuple[str, ...] = ()) -> None:
+    """Start a group for ``layout`` in the background, for a run about to ask for it."""
+    _pool.prepare(layout, preload)
+
+
+def prestart(layout_of: Callable[[cluster.ClusterView], Layout],
+             preload: tuple[str, ...] = ()) -> None:
+    """Where this process already runs on a Ray neve may keep warm workers on, start
+    the group a run will likely ask for (an estimator or distributor was just made):
+    its processes start and import their framework before the user asks.
+    ``NEVE_PRESTART=0`` turns it off."""
+    import sys
+
+    if not settings.PRESTART.get() or "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        layout = layout_of(cluster.view())
+    except Exception as exc:  # an invalid config: the run says so, with the fix
+        logger.debug("no prestart: %s", exc)
+        return
+    prepare(layout, preload)
+
+
 def acquire(layout: Layout) -> WorkerGroup:
-    """A group for ``layout``: a warm one if it matches, else a new one."""
+    """A group for ``layout``: a warm one if it matches (or one starting in the
+    background, waited for), else a new one."""
     return _pool.acquire(layout)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import os
 import socket
 import sys
@@ -122,8 +123,13 @@ def _give_memory_back() -> None:
 class WorkerActor:
     """One worker process of a group (wrapped with ``ray.remote`` by the group)."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, preload: tuple[str, ...] = ()) -> None:
         self._label = label
+        # The framework's import (torch: seconds) happens while the process starts,
+        # alongside the driver's own work, not when the first run needs it.
+        for module in preload:
+            with contextlib.suppress(ImportError):  # the run will say what is missing
+                importlib.import_module(module)
 
     def __repr__(self) -> str:  # Ray prefixes the worker's output with this
         return self._label
