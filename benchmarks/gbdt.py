@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 #: 56k rows x 77 features from a DuckDB aggregate, 15 classes, 100 rounds of multi:softmax
 SMALL_GROUPS = 56_000
 SMALL_FEATURES = [f"a{i}" for i in range(77)]
-SMALL_PARAMS: dict[str, Any] = {"objective": "multi:softmax", "num_class": 15, "max_depth": 6,
+SMALL_PARAMS: dict[str, Any] = {"objective": "multi:softmax", "num_class": 15, "max_depth": 4,
                                 "eta": 0.3, "tree_method": "hist", "max_bin": 256}
 
 
