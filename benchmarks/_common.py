@@ -533,12 +533,15 @@ def git_state() -> dict[str, Any]:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
                               text=True, timeout=30).stdout
 
+    # What run_all itself writes is output, not code: it does not make a tree dirty.
+    code = ["--", ".", ":!BENCHMARKS.md", ":!benchmarks/results"]
     try:
         commit = git("rev-parse", "--short", "HEAD").strip() or "?"
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", *code).strip())
     except Exception:
         return {"commit": "?", "dirty": None, "diff_sha1": None}
-    diff = hashlib.sha1(git("diff", "HEAD").encode()).hexdigest()[:12] if dirty else None
+    diff = (hashlib.sha1(git("diff", "HEAD", *code).encode()).hexdigest()[:12] if dirty
+            else None)
     return {"commit": commit, "dirty": dirty, "diff_sha1": diff}
 
 
