@@ -11,14 +11,13 @@ import contextlib
 import datetime
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from neve._internal import settings
 from neve._internal.context import WorkerContext, activate
+from neve._internal.data import spill
 from neve._internal.runtime.worker import held_socket, release_port
 from neve.pytorch._context import Checkpointer, MetricsReporter
 
@@ -116,7 +115,9 @@ def entry(train_func: Callable[[], Any]) -> Callable[[WorkerContext], WorkerOutc
     """The function each worker runs: ``train_func`` inside torchrun's environment."""
 
     def run(ctx: WorkerContext) -> WorkerOutcome:
-        model_dir = tempfile.mkdtemp(prefix=f"neve-model-{ctx.run_id}-rank{ctx.rank}-")
+        # under the spill root: a folder that a killed worker leaves goes with the next start
+        folder = spill.SpillFolder(kind=f"model-rank{ctx.rank}")
+        model_dir = folder.path
         reporter = MetricsReporter(ctx.rank)
         checkpointer = Checkpointer(ctx.rank, ctx.extras["checkpoint_dir"],
                                     ctx.extras["checkpoint_seq"])
@@ -133,6 +134,6 @@ def entry(train_func: Callable[[], Any]) -> Callable[[WorkerContext], WorkerOutc
             return WorkerOutcome(reporter.history, model_dir if kept else None)
         finally:
             if not kept:
-                shutil.rmtree(model_dir, ignore_errors=True)
+                folder.release()
 
     return run

@@ -145,6 +145,17 @@ def _clean_stale(filesystem: Any, root: str) -> None:
             filesystem.rm(entry, recursive=True)
 
 
+def release_path(path: str) -> None:
+    """Release the folder of this process at ``path`` (a rank's model folder, once the
+    driver has taken the model), or remove the tree when no folder is registered there."""
+    with _lock:
+        folder = _live.get(path)
+    if folder is not None:
+        folder.release()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def release_all() -> None:
     """Remove every spill folder this process still holds (at exit)."""
     with _lock:

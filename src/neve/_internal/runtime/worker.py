@@ -175,9 +175,9 @@ class WorkerActor:
         return run_folder(kind).path
 
     def remove_tree(self, path: str) -> None:
-        import shutil
+        from neve._internal.data import spill
 
-        shutil.rmtree(path, ignore_errors=True)
+        spill.release_path(path)
 
     def acknowledge(self, key: str) -> None:
         """Wake what waits in this worker for the driver to finish ``key``."""
