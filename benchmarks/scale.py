@@ -22,6 +22,10 @@ Figures, each fit measured alone:
   DuckDB's and Ray's threads included, divided by the fit's wall seconds;
 * **time**: the fit's wall seconds, source to Booster, over native's.
 
+``--floor`` (``run_all.py --only scale-floor``): the Parquet XGBoost runs also measure
+xgboost alone, the least it takes: one process streams the row groups through a
+``DataIter`` into its matrix (in memory, or pages on disk), as each neve worker does.
+
 ``--rows 430000000 --runs parquet-xgboost-external``: 50 GB of float32 on a 24 GiB
 machine, XGBoost with external memory. It checks free disk first (data plus the
 binned pages: about 60 GB) and deletes the data afterwards (``--keep-data`` keeps it).
@@ -83,7 +87,7 @@ def duckdb_data(rows: int) -> Path:
     path = common.DATA_DIR / f"scale_{rows}.duckdb"
     if path.exists():
         with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
-            if con.execute("SELECT count(*) FROM train").fetchone()[0] == rows:
+            if con.execute("SELECT count(*) FROM train").fetchone() == (rows,):
                 common.log(f"reusing {common.rel(path)}")
                 return path
         path.unlink()
@@ -218,6 +222,48 @@ def native_fit(framework: str, source: str, target: Any, rounds: int) -> Any:
     return lgb.train(params, data, num_boost_round=rounds)
 
 
+def floor_fit(source: str, target: Any, rounds: int, *, external: bool) -> Any:
+    """xgboost alone, the least it takes: one process builds its matrix from the Parquet
+    row groups through a ``DataIter`` (no whole float32 copy, as each neve worker does),
+    in memory or with its pages on local disk, and trains with nthread=2."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+    import xgboost as xgb
+
+    if source != "parquet":
+        raise ValueError("the floor is measured from Parquet only")
+    files = sorted(Path(target).rglob("*.parquet"))
+    with tempfile.TemporaryDirectory(dir=Path(target).parent) as cache:
+
+        class Batches(xgb.DataIter):
+            def __init__(self) -> None:
+                self._groups = [(f, g) for f in files
+                                for g in range(pq.ParquetFile(f).num_row_groups)]
+                self._at = 0
+                super().__init__(cache_prefix=f"{cache}/cache" if external else None,
+                                 release_data=True)
+
+            def next(self, input_data: Callable[..., None]) -> bool:
+                if self._at == len(self._groups):
+                    return False
+                path, group = self._groups[self._at]
+                self._at += 1
+                table = pq.ParquetFile(path).read_row_group(group)
+                x = np.column_stack([table.column(c).to_numpy() for c in common.FEATURES])
+                input_data(data=x, label=table.column(common.LABEL).to_numpy())
+                return True
+
+            def reset(self) -> None:
+                self._at = 0
+
+        kind = xgb.ExtMemQuantileDMatrix if external else xgb.QuantileDMatrix
+        matrix = kind(Batches(), max_bin=256, nthread=2)
+        booster = xgb.train({**XGB_PARAMS, "nthread": 2}, matrix, num_boost_round=rounds)
+        del matrix  # its pages go before their folder does
+    return booster
+
+
 # -- neve -------------------------------------------------------------------------------------
 
 
@@ -281,6 +327,9 @@ def run_one(name: str, args: Any, target: Any) -> dict[str, Any]:
     contenders: list[tuple[str, Callable[[], Any]]] = []
     if not external and not args.no_native:
         contenders.append(("native", lambda: native_fit(framework, source, target, args.rounds)))
+    if args.floor and source == "parquet" and framework == "xgboost":
+        contenders.append(("floor", lambda: floor_fit(source, target, args.rounds,
+                                                      external=external)))
     contenders.append(("neve", lambda: neve_fit(framework, source, target, args.rounds,
                                                 external=True if external else None)))
     common.log(f"{name}: warming neve's workers with a 1,000-row fit")
@@ -326,6 +375,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--runs", default=",".join(ALL_RUNS),
                         help=f"comma-separated, from: {', '.join(ALL_RUNS)}")
     parser.add_argument("--no-native", action="store_true", help="neve only")
+    parser.add_argument("--floor", action="store_true",
+                        help="parquet-xgboost runs also measure xgboost alone, streaming "
+                             "the row groups into its matrix in one process (its own floor)")
     parser.add_argument("--name", default="scale", help="the report's name (run_all keeps it "
                         "as benchmarks/results/<name>.json)")
     parser.add_argument("--keep-data", action="store_true",
@@ -388,7 +440,7 @@ def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.
     for name in runs:
         r = results[name]
         native = r.get("native", {})
-        for who in ("native", "neve"):
+        for who in ("native", "floor", "neve"):
             m = r.get(who)
             if m is None:
                 continue
@@ -442,6 +494,8 @@ def _against_the_in_memory_run(args: Any, results: dict[str, Any], runs: list[st
     if args.name == "scale" or not kept.exists():
         return []
     small = json.loads(kept.read_text())
+    if small["params"]["rows"] == args.rows:
+        return []
     base = small["results"].get("parquet-xgboost", {}).get("neve", {})
     if base.get("status") != "ok":
         return []
