@@ -32,17 +32,21 @@ except ImportError:  # run as a script: python benchmarks/run_all.py
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ("ingest", "gbdt", "torch", "artifacts", "scale", "scale-floor", "scale-50gb")
+ORDER = ("ingest", "gbdt", "torch", "artifacts", "scale", "scale-floor", "scale-35gb",
+         "scale-50gb")
 DEFAULT = ("ingest", "gbdt", "torch", "artifacts")
 SCRIPTS = {"ingest": "ingest.py", "gbdt": "gbdt.py", "torch": "torch_bench.py",
            "artifacts": "artifacts.py", "scale": "scale.py", "scale-floor": "scale.py",
-           "scale-50gb": "scale.py"}
+           "scale-35gb": "scale.py", "scale-50gb": "scale.py"}
 #: xgboost alone against neve, 20M rows from Parquet: how far the memory is xgboost's own
 SCALE_FLOOR = ["--runs", "parquet-xgboost,parquet-xgboost-external", "--floor",
                "--name", "scale-floor"]
 #: the 50 GB run: 430M rows x 29 float32 on a 24 GiB machine, XGBoost with external memory
 FIFTY_GB = ["--rows", "430000000", "--runs", "parquet-xgboost-external", "--rounds", "5",
             "--name", "scale-50gb"]
+#: larger than memory, and what xgboost keeps per row still fits: 300M rows (35 GB)
+SCALE_35GB = ["--rows", "300000000", "--runs", "parquet-xgboost-external", "--rounds", "5",
+              "--name", "scale-35gb"]
 QUICK = {"ingest_rows": 100_000, "gbdt_rows": 50_000, "gbdt_rounds": 20, "torch_rows": 20_000}
 
 
@@ -110,6 +114,7 @@ def commands(args: Any, json_dir: Path) -> dict[str, list[str]]:
             "artifacts": script("artifacts", *(["--gb", "0.1"] if args.quick else [])),
             "scale": script("scale"),
             "scale-floor": script("scale-floor", *SCALE_FLOOR),
+            "scale-35gb": script("scale-35gb", *SCALE_35GB),
             "scale-50gb": script("scale-50gb", *FIFTY_GB)}
 
 
@@ -203,6 +208,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "python benchmarks/run_all.py                      # ingest, gbdt, torch, artifacts",
         "python benchmarks/run_all.py --only scale         # 20M rows (about 20 minutes)",
         "python benchmarks/run_all.py --only scale-floor   # xgboost's own memory floor, 20M rows",
+        "python benchmarks/run_all.py --only scale-35gb    # 35 GB, external memory (40 GB of"
+        " free disk)",
         "python benchmarks/run_all.py --only scale-50gb    # 50 GB, external memory (hours;"
         " 70 GB of free disk)",
         "```",
