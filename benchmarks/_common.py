@@ -242,12 +242,17 @@ def start_ray() -> float:
 
 
 def trim_memory() -> None:
-    """Give this process's freed memory back to the OS (glibc), between measurements."""
+    """Give this process's freed memory back to the OS between measurements: glibc's,
+    and Arrow's pool's (mimalloc or jemalloc keep freed pages for a while; returned
+    during the next measurement, they would hide that much of its memory)."""
     import contextlib
     import ctypes
     import gc
 
+    import pyarrow as pa
+
     gc.collect()
+    pa.default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

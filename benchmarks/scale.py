@@ -146,14 +146,26 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
+def _settled_mem_available(timeout_s: float = 15.0) -> int:
+    """Available memory once what the last measurement freed has gone back (two readings
+    half a second apart within 32 MiB), so that it does not come back during the next."""
+    previous = mem_available()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(0.5)
+        current = mem_available()
+        if abs(current - previous) < 32 * 2**20 or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
 class Measure:
     """Wall time, driver CPU and the machine's available-memory low point of a block."""
 
     def __enter__(self) -> Measure:
         gc.collect()
         common.trim_memory()
-        time.sleep(1.0)  # let freed pages settle
-        self.before = mem_available()
+        self.before = _settled_mem_available()
         self.low = self.before
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)

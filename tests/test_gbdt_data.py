@@ -162,6 +162,27 @@ def test_external_memory_is_chosen_when_the_shard_would_not_fit(
     assert "external memory" not in caplog.text
 
 
+def test_a_shard_too_big_even_for_external_memory_is_warned_about() -> None:
+    """External memory still keeps ~48 B per row in memory: 215M rows of a 50 GB table on
+    two workers of a 24 GiB node need more than their share, and the driver says so."""
+    import warnings
+
+    from neve._internal.gbdt.xgb import XGBoostBackend
+    from neve.exceptions import MemoryWarning
+
+    backend = XGBoostBackend()
+    share = 8 * 2**30  # Ray's memory on a 24 GiB node, over two workers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.external_memory(None, 150_000_000, 28, share) is True  # 6.7 GiB: fine
+        assert backend.external_memory(None, 1_000_000, 28, share) is False
+    with pytest.warns(MemoryWarning, match=r"about 9\.6 GiB in memory for its 215,000,000 rows "
+                      r"\(label, gradients.*more workers on more nodes"):
+        assert backend.external_memory(None, 215_000_000, 28, share) is True
+    with pytest.warns(MemoryWarning, match="or pass external_memory=True"):
+        assert backend.external_memory(False, 100_000_000, 28, share) is False
+
+
 def test_lightgbm_has_no_external_memory() -> None:
     from neve.exceptions import ConfigError
     from neve.lightgbm import LightGBMEstimator

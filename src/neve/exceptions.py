@@ -33,7 +33,8 @@ Warnings, on the driver, once, for what neve does that a user may not expect::
     │   ├── NullsAsNaNWarning        NULLs in numeric columns come out of to_torch_dataset as NaN
     │   ├── RowsDroppedWarning       equal=True drops rows so that every shard is the same size
     │   └── HighCardinalityWarning   a string feature with very many distinct values
-    └── ParameterWarning             a framework parameter the framework does not know
+    ├── ParameterWarning             a framework parameter the framework does not know
+    └── MemoryWarning                a fit likely to need more memory than its workers have
 
 Each message says what happened, how many rows or which names, and how to fix
 it; silence one kind with ``warnings.filterwarnings("ignore", category=...)``.
@@ -169,3 +170,8 @@ class HighCardinalityWarning(DataWarning):
 
 class ParameterWarning(NeveWarning):
     """A framework parameter that the framework does not know, so it is ignored."""
+
+
+class MemoryWarning(NeveWarning):
+    """A fit is likely to need more memory than Ray gives its workers (say, what
+    xgboost keeps per row even with external memory); it may be killed for memory."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from neve._internal.gbdt.runner import (
 )
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, report
-from neve.exceptions import ResourcesUnavailableError
+from neve.exceptions import MemoryWarning, ResourcesUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,12 @@ def in_memory_bytes(rows: int, features: int) -> int:
 EXTERNAL_MEMORY_SHARE = 0.5
 
 
+#: what xgboost keeps in memory per row even with external memory: label, gradients,
+#: prediction cache, row partitions (measured with neve: 51 B/row, with xgboost alone
+#: about 44; ``benchmarks/scale.py --floor``)
+EXTERNAL_MEMORY_ROW_BYTES = 48
+
+
 def external_memory_bytes(rows: int, features: int) -> int:
     """Local disk xgboost's external-memory pages take: the bin index and its
     column-major copy (1 byte per feature each) and row pointers (measured: 64 B/row
@@ -166,6 +173,23 @@ class XGBoostBackend(Backend):
 
     def external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
                         budget_bytes: float) -> bool:
+        chosen = self._external_memory(asked, rows_per_worker, features, budget_bytes)
+        need = rows_per_worker * (EXTERNAL_MEMORY_ROW_BYTES if chosen
+                                  else in_memory_bytes(1, features))
+        if budget_bytes > 0 and need > budget_bytes:
+            warnings.warn(
+                f"each xgboost worker will hold about {need / 2**30:.1f} GiB in memory for "
+                f"its {rows_per_worker:,} rows"
+                + (" (label, gradients, predictions and row partitions stay in memory even "
+                   "with external memory)" if chosen else "")
+                + f", more than its {budget_bytes / 2**30:.1f} GiB share of its node's "
+                "memory, so it may be killed for memory: spread the rows over more workers "
+                "on more nodes" + ("" if chosen else ", or pass external_memory=True"),
+                MemoryWarning, stacklevel=2)
+        return chosen
+
+    def _external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
+                         budget_bytes: float) -> bool:
         if asked is not None:
             return bool(asked)
         need = in_memory_bytes(rows_per_worker, features)
