@@ -371,10 +371,10 @@ class _Pool:
                 self._starting.pop(layout, None)
             done.set()
 
-    def _await_starting(self, layouts: Sequence[Layout] | None = None) -> None:
+    def _await_starting(self) -> None:
         """Wait for groups starting in the background (bounded by their own waits)."""
         with self._lock:
-            pending = [e for k, e in self._starting.items() if layouts is None or k in layouts]
+            pending = list(self._starting.values())
         limit = settings.PLACEMENT_TIMEOUT_S.get() + settings.WORKER_START_TIMEOUT_S.get()
         for done in pending:
             done.wait(limit)
