@@ -51,7 +51,9 @@ try:
 except ImportError:  # run as a script: python benchmarks/scale.py
     import _common as common  # type: ignore[no-redef]
 
-WORKERS = 2
+#: neve's worker layouts (workers, CPUs each): two workers of one CPU, or one worker with
+#: both CPUs (what ``num_workers=-1``, neve's default, gives on a one-node cluster)
+LAYOUTS = {"2x1": (2, 1), "1x2": (1, 2)}
 SOURCES = ("duckdb", "parquet", "postgres")
 ALL_RUNS = [f"{s}-{f}" for s in SOURCES for f in ("xgboost", "lightgbm")] + [
     f"{s}-xgboost-external" for s in SOURCES]
@@ -295,36 +297,37 @@ def neve_connector(source: str, target: Any) -> Iterator[Any]:
         yield DataConnector.from_sql("SELECT * FROM train", session=target)
 
 
-def neve_estimator(framework: str, rounds: int) -> Any:
+def neve_estimator(framework: str, rounds: int, layout: str) -> Any:
+    workers, cpus = LAYOUTS[layout]
     if framework == "xgboost":
         from neve.xgboost import XGBEstimator, XGBScalingConfig
 
         return XGBEstimator(n_estimators=rounds, params=XGB_PARAMS,
-                            scaling_config=XGBScalingConfig(num_workers=WORKERS,
-                                                            num_cpu_per_worker=1))
+                            scaling_config=XGBScalingConfig(num_workers=workers,
+                                                            num_cpu_per_worker=cpus))
     from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
 
     return LightGBMEstimator(n_estimators=rounds, params=LGB_PARAMS,
-                             scaling_config=LightGBMScalingConfig(num_workers=WORKERS,
-                                                                  num_cpu_per_worker=1))
+                             scaling_config=LightGBMScalingConfig(num_workers=workers,
+                                                                  num_cpu_per_worker=cpus))
 
 
-def neve_fit(framework: str, source: str, target: Any, rounds: int, *,
+def neve_fit(framework: str, source: str, target: Any, rounds: int, layout: str, *,
              external: bool | None) -> Any:
     extra = {} if framework == "lightgbm" else {"external_memory": external}
     with neve_connector(source, target) as connector:
-        return neve_estimator(framework, rounds).fit(
+        return neve_estimator(framework, rounds, layout).fit(
             connector, input_cols=common.FEATURES, label_col=common.LABEL, **extra)
 
 
-def warm_up(framework: str) -> None:
+def warm_up(framework: str, layout: str) -> None:
     """Start neve's workers of the measured layout with a tiny fit (they stay warm)."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.normal(size=(1000, common.NUM_FEATURES + 1)).astype(np.float32),
                          columns=[*common.FEATURES, common.LABEL])
-    neve_estimator(framework, 1).fit(frame, input_cols=common.FEATURES,
+    neve_estimator(framework, 1, layout).fit(frame, input_cols=common.FEATURES,
                                      label_col=common.LABEL)
 
 
@@ -343,9 +346,10 @@ def run_one(name: str, args: Any, target: Any) -> dict[str, Any]:
         contenders.append(("floor", lambda: floor_fit(source, target, args.rounds,
                                                       external=external)))
     contenders.append(("neve", lambda: neve_fit(framework, source, target, args.rounds,
+                                                args.layout,
                                                 external=True if external else None)))
     common.log(f"{name}: warming neve's workers with a 1,000-row fit")
-    warm_up(framework)
+    warm_up(framework, args.layout)
     for who, fit in contenders:
         common.log(f"{name}: {who} ...")
         try:
@@ -387,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--runs", default=",".join(ALL_RUNS),
                         help=f"comma-separated, from: {', '.join(ALL_RUNS)}")
     parser.add_argument("--no-native", action="store_true", help="neve only")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="2x1",
+                        help="neve's workers: 2 of 1 CPU, or 1 of 2 CPUs (its default "
+                             "on one node)")
     parser.add_argument("--floor", action="store_true",
                         help="parquet-xgboost runs also measure xgboost alone, streaming "
                              "the row groups into its matrix in one process (its own floor)")
@@ -447,7 +454,8 @@ def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.
                                           "float32_gib": round(args.rows * common.ROW_BYTES
                                                                / GIB, 2),
                                           "rounds": args.rounds,
-                                          "workers": f"{WORKERS} x 1 CPU"})
+                                          "workers": "{} x {} CPU".format(
+                                              *LAYOUTS[args.layout])})
     rows = []
     for name in runs:
         r = results[name]
@@ -517,9 +525,11 @@ def _against_the_in_memory_run(args: Any, results: dict[str, Any], runs: list[st
         neve = results[name].get("neve", {})
         if neve.get("status") == "ok":
             rate = args.rows / neve["seconds"]
-            out.append(f"{name}: {common.fmt_rate(rate)} rows/s, "
+            out.append(f"{name} ({'{} x {} CPU'.format(*LAYOUTS[args.layout])}): "
+                       f"{common.fmt_rate(rate)} rows/s, "
                        f"{rate / base_rate:.2f}x the in-memory parquet-xgboost run of "
-                       f"{small['params']['rows']:,} rows ({common.fmt_rate(base_rate)} rows/s, "
+                       f"{small['params']['rows']:,} rows ({small['params'].get('workers')}: "
+                       f"{common.fmt_rate(base_rate)} rows/s, "
                        f"commit {small.get('machine', {}).get('git_commit', '?')})")
     return out
 

@@ -21,7 +21,7 @@ from neve._internal.data.plans import plan_for_workers
 from neve._internal.data.sources import ArrowSource
 from neve._internal.gbdt import features
 from neve.data import DataConnector
-from neve.exceptions import ColumnTypeError
+from neve.exceptions import ColumnTypeError, ConfigError
 
 INPUTS = ["f0", "f1", "f2", "f3"]
 
@@ -132,12 +132,40 @@ def test_external_memory_trains_the_same_model(ray_session: None) -> None:
 
     frame = make_frame(20_000, seed=4)
     scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
-    histories = []
+    results = []
     for external in (False, True):
         estimator = XGBEstimator(n_estimators=8, scaling_config=scaling)
-        estimator.fit(frame, INPUTS, "y", eval_set=frame, external_memory=external)
-        histories.append(estimator.get_eval_results()["eval"]["rmse"])
-    np.testing.assert_allclose(histories[0], histories[1], rtol=1e-6)
+        estimator.fit(frame, INPUTS, "y", eval_set=frame, external_memory=external,
+                      eval_train=True)
+        results.append(estimator.get_eval_results())
+    for name in ("train", "eval"):
+        np.testing.assert_allclose(results[0][name]["rmse"], results[1][name]["rmse"],
+                                   rtol=1e-6)
+
+
+def test_the_training_set_is_evaluated_unless_the_shard_is_on_disk(
+        ray_session: None) -> None:
+    """Its evaluation keeps a copy of the predictions (4 B/row): a fit with external
+    memory leaves it out unless asked, and any fit can leave it out."""
+    from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+    from neve.xgboost import XGBEstimator, XGBScalingConfig
+
+    frame = make_frame(4_000, seed=5)
+    scaling = XGBScalingConfig(num_workers=2, num_cpu_per_worker=1)
+    for fit_args, keys in (({}, ["eval", "train"]),
+                           ({"external_memory": True}, ["eval"]),
+                           ({"eval_train": False}, ["eval"])):
+        estimator = XGBEstimator(n_estimators=3, scaling_config=scaling)
+        estimator.fit(frame, INPUTS, "y", eval_set=frame, **fit_args)
+        assert sorted(estimator.get_eval_results()) == keys, fit_args
+        assert len(estimator.get_eval_results()["eval"]["rmse"]) == 3
+    lgbm = LightGBMEstimator(n_estimators=3, scaling_config=LightGBMScalingConfig(
+        num_workers=2, num_cpu_per_worker=1))
+    lgbm.fit(frame, INPUTS, "y", eval_set=frame, eval_train=False)
+    assert sorted(lgbm.get_eval_results()) == ["eval"]
+    with pytest.raises(ConfigError, match="eval_train must be None"):
+        XGBEstimator(n_estimators=3, scaling_config=scaling).fit(frame, INPUTS, "y",
+                                                                 eval_train="yes")
 
 
 def test_external_memory_is_chosen_when_the_shard_would_not_fit(
@@ -163,7 +191,7 @@ def test_external_memory_is_chosen_when_the_shard_would_not_fit(
 
 
 def test_a_shard_too_big_even_for_external_memory_is_warned_about() -> None:
-    """External memory still keeps ~48 B per row in memory: 215M rows of a 50 GB table on
+    """External memory still keeps ~50 B per row in memory: 215M rows of a 50 GB table on
     two workers of a 24 GiB node need more than their share, and the driver says so."""
     import warnings
 
@@ -176,7 +204,7 @@ def test_a_shard_too_big_even_for_external_memory_is_warned_about() -> None:
         warnings.simplefilter("error")
         assert backend.external_memory(None, 150_000_000, 28, share) is True  # 6.7 GiB: fine
         assert backend.external_memory(None, 1_000_000, 28, share) is False
-    with pytest.warns(MemoryWarning, match=r"about 9\.6 GiB in memory for its 215,000,000 rows "
+    with pytest.warns(MemoryWarning, match=r"about 10\.0 GiB in memory for its 215,000,000 rows "
                       r"\(label, gradients.*more workers on more nodes"):
         assert backend.external_memory(None, 215_000_000, 28, share) is True
     with pytest.warns(MemoryWarning, match="or pass external_memory=True"):

@@ -133,6 +133,7 @@ class GBDTEstimator(Generic[BoosterT]):
         init_model: BoosterT | bytes | str | None = None,
         max_failures: int = 1,
         external_memory: bool | None = None,
+        eval_train: bool | None = None,
         checkpoint_stage: str | os.PathLike[str] | None = None,
         resume_from: str | None = None,
     ) -> BoosterT:
@@ -148,6 +149,10 @@ class GBDTEstimator(Generic[BoosterT]):
         ``external_memory`` (XGBoost): each worker keeps its binned shard on local
         disk and streams it every round (``True``), in memory (``False``), or picks
         by the shard's size against the worker's share of its node's memory (``None``).
+        ``eval_train``: whether the training set is evaluated every round, its metrics
+        under ``get_eval_results()["train"]``. ``None`` (the default): yes, unless the fit
+        keeps its shard on disk, where the copy of the predictions this takes (4-6 bytes
+        per row) is memory a larger-than-memory fit cannot spare.
         """
         if external_memory not in (None, True, False):
             raise ConfigError(
@@ -197,6 +202,7 @@ class GBDTEstimator(Generic[BoosterT]):
             init_model=self._model_payload(init_model),
             max_failures=max_failures,
             external_memory=external_memory,
+            eval_train=eval_train,
             checkpoint_stage=checkpoint_stage,
             resume_from=resume_from,
         )

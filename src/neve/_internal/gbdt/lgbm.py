@@ -237,7 +237,7 @@ class LightGBMBackend(Backend):
         train_source = task.train_source(ctx)
         init = lgb.Booster(model_str=task.init_model) if task.init_model else None
         dtrain = dataset(train_source, task.spec, params, init_model=init)
-        valid_sets, valid_names = [dtrain], ["train"]
+        valid_sets, valid_names = ([dtrain], ["train"]) if task.eval_train else ([], [])
         eval_source = task.eval_source(ctx)
         if eval_source is not None:
             valid_sets.append(dataset(eval_source, task.spec, params, reference=dtrain,

@@ -57,6 +57,8 @@ class TrainTask:
     checkpoint_min_interval_s: float = 0.0
     #: xgboost: build an external-memory matrix, its binned pages on local disk
     external_memory: bool = False
+    #: evaluate the training set every round (its metrics under "train")
+    eval_train: bool = True
 
     def train_source(self, ctx: WorkerContext) -> PlanSource:
         # Ranking: cuts move to where the query group changes, so no group spans workers.
@@ -174,6 +176,7 @@ def fit(
     init_model: Any = None,
     max_failures: int = 1,
     external_memory: bool | None = None,
+    eval_train: bool | None = None,
     checkpoint_stage: Any = None,
     resume_from: str | None = None,
 ) -> TrainResult:
@@ -183,6 +186,8 @@ def fit(
     if external_memory and not backend.has_external_memory:
         raise ConfigError(f"{backend.name} has no external-memory mode; leave "
                           "external_memory out")
+    if eval_train not in (None, True, False):
+        raise ConfigError(f"eval_train must be None (auto), True or False, got {eval_train!r}")
     store, history = _checkpoints(backend, checkpoint_stage, resume_from, init_model)
     if isinstance(verbose_eval, bool):
         verbose_every = 1 if verbose_eval else None
@@ -214,7 +219,7 @@ def fit(
                             early_stopping_rounds=early_stopping_rounds,
                             verbose_every=verbose_every, callbacks=callbacks,
                             init_model=init_model, max_failures=max_failures,
-                            external_memory=external_memory,
+                            external_memory=external_memory, eval_train=eval_train,
                             budget=_memory_per_worker(view, layout),
                             store=store, history=history)
 
@@ -268,7 +273,7 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
                  early_stopping_rounds: int | None, verbose_every: int | None,
                  callbacks: Sequence[Any] | None, init_model: Any,
                  max_failures: int, external_memory: bool | None,
-                 budget: float, store: CheckpointStore | None,
+                 eval_train: bool | None, budget: float, store: CheckpointStore | None,
                  history: History) -> TrainResult:
     # Ranking groups must not be cut: their shards need exact row counts.
     train_plan = train._plan_for_workers(spec.columns, sized=spec.group_col is not None)
@@ -291,6 +296,9 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
             raise EmptyDatasetError(
                 f"the eval set ({evaluation._source.description}) holds no rows"
             )
+    on_disk = backend.external_memory(external_memory,
+                                      -(-train_plan.estimated_rows // layout.num_workers),
+                                      len(spec.input_cols), budget)
 
     task = TrainTask(
         params=dict(params),
@@ -310,9 +318,10 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
         # (a short fit starts again instead of paying for checkpoints it will not use).
         checkpoint_every=max(1, num_boost_round // 10) if max_failures or store else 0,
         checkpoint_min_interval_s=0.0 if store else settings.CHECKPOINT_INTERVAL_S.get(),
-        external_memory=backend.external_memory(
-            external_memory, -(-train_plan.estimated_rows // layout.num_workers),
-            len(spec.input_cols), budget),
+        external_memory=on_disk,
+        # Evaluating the training set keeps a copy of its predictions (4-6 B/row): a
+        # shard too large for memory skips it unless asked.
+        eval_train=eval_train if eval_train is not None else not on_disk,
     )
     if task.num_boost_round <= 0:  # resumed from a checkpoint of the last round
         return TrainResult(history.checkpoint, history.merged({}, history.rounds_done),

@@ -138,10 +138,11 @@ def in_memory_bytes(rows: int, features: int) -> int:
 EXTERNAL_MEMORY_SHARE = 0.5
 
 
-#: what xgboost keeps in memory per row even with external memory: label, gradients,
-#: prediction cache, row partitions (measured with neve: 51 B/row, with xgboost alone
-#: about 44; ``benchmarks/scale.py --floor``)
-EXTERNAL_MEMORY_ROW_BYTES = 48
+#: what xgboost keeps in memory per row even with external memory: gradients (8 B),
+#: prediction cache (4), label (4), row indices (8) and its partition buffers (16), plus
+#: allocator slack (measured: 50 B/row of anonymous memory in a neve worker and 45-47 in
+#: xgboost alone; 4 B/row more where the training set is evaluated)
+EXTERNAL_MEMORY_ROW_BYTES = 50
 
 
 def external_memory_bytes(rows: int, features: int) -> int:
@@ -247,7 +248,7 @@ class XGBoostBackend(Backend):
             _check_disk(cache, train_source.num_rows, len(task.spec.input_cols))
         dtrain = quantile_matrix(train_source, task.spec, train_source.description, params,
                                  task.threads, cache_prefix=cache and f"{cache}/train")
-        evals = [(dtrain, "train")]
+        evals = [(dtrain, "train")] if task.eval_train else []
         eval_source = task.eval_source(ctx)
         if eval_source is not None:
             deval = quantile_matrix(eval_source, task.spec, eval_source.description, params,
