@@ -212,8 +212,8 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "python benchmarks/run_all.py --only scale-floor   # xgboost's own memory floor, 20M rows",
         "python benchmarks/run_all.py --only scale-35gb    # 35 GB, external memory (40 GB of"
         " free disk)",
-        "python benchmarks/run_all.py --only scale-50gb    # 50 GB, external memory (hours;"
-        " 70 GB of free disk)",
+        "python benchmarks/run_all.py --only scale-50gb    # 50 GB, external memory (50 minutes;"
+        " 50 GB of free disk)",
         "```",
         "",
         "Each benchmark also runs on its own: `python benchmarks/ingest.py --help`, "

@@ -20,7 +20,6 @@ Every plan's lease (spill folder, snapshot) is released with the plan.
 from __future__ import annotations
 
 import logging
-import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import replace
@@ -41,6 +40,7 @@ from neve._internal.data.fragments import (
 from neve._internal.data.sources import ArrowSource, Source, distinct_of, projected_schema
 from neve._internal.data.spill import SpillFolder, shared_url, write_ipc
 from neve._internal.runtime.tasks import LazyRemote, gather
+from neve._internal.warn import warn_user
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +116,12 @@ def _warn_multi_node(source: Source) -> None:
     if _warned_multi_node:
         return
     _warned_multi_node = True
-    warnings.warn(
+    warn_user(
         f"the cluster has several nodes and NEVE_SPILL_URL is not set, so the rows of "
         f"{source.description} pass through the driver into Ray's object store; set "
         "NEVE_SPILL_URL to storage every node can read (s3://bucket/prefix) to spill "
         "them there instead",
-        stacklevel=4,
+        UserWarning,
     )
 
 

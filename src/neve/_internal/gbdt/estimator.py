@@ -151,7 +151,7 @@ class GBDTEstimator(Generic[BoosterT]):
         by the shard's size against the worker's share of its node's memory (``None``).
         ``eval_train``: whether the training set is evaluated every round, its metrics
         under ``get_eval_results()["train"]``. ``None`` (the default): yes, unless the fit
-        keeps its shard on disk, where the copy of the predictions this takes (4-6 bytes
+        keeps its shard on disk, where the copy of the predictions this takes (4 bytes
         per row) is memory a larger-than-memory fit cannot spare.
         """
         if external_memory not in (None, True, False):

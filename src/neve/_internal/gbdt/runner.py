@@ -319,7 +319,7 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
         checkpoint_every=max(1, num_boost_round // 10) if max_failures or store else 0,
         checkpoint_min_interval_s=0.0 if store else settings.CHECKPOINT_INTERVAL_S.get(),
         external_memory=on_disk,
-        # Evaluating the training set keeps a copy of its predictions (4-6 B/row): a
+        # Evaluating the training set keeps a copy of its predictions (4 B/row): a
         # shard too large for memory skips it unless asked.
         eval_train=eval_train if eval_train is not None else not on_disk,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from neve._internal.gbdt.runner import (
 )
 from neve._internal.runtime import group
 from neve._internal.runtime.worker import quiet_native_output, report
+from neve._internal.warn import warn_user
 from neve.exceptions import MemoryWarning, ResourcesUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class XGBoostBackend(Backend):
         need = rows_per_worker * (EXTERNAL_MEMORY_ROW_BYTES if chosen
                                   else in_memory_bytes(1, features))
         if budget_bytes > 0 and need > budget_bytes:
-            warnings.warn(
+            warn_user(
                 f"each xgboost worker will hold about {need / 2**30:.1f} GiB in memory for "
                 f"its {rows_per_worker:,} rows"
                 + (" (label, gradients, predictions and row partitions stay in memory even "
@@ -186,7 +186,7 @@ class XGBoostBackend(Backend):
                 + f", more than its {budget_bytes / 2**30:.1f} GiB share of its node's "
                 "memory, so it may be killed for memory: spread the rows over more workers "
                 "on more nodes" + ("" if chosen else ", or pass external_memory=True"),
-                MemoryWarning, stacklevel=2)
+                MemoryWarning)
         return chosen
 
     def _external_memory(self, asked: bool | None, rows_per_worker: int, features: int,
