@@ -206,6 +206,8 @@ class XGBoostBackend(Backend):
     def start_collective(
         self, workers: group.WorkerGroup
     ) -> tuple[dict[str, Any], Callable[[], None]]:
+        if workers.num_workers == 1:  # xgboost alone: no tracker, no communicator
+            return {}, lambda: None
         import ray
         from xgboost.tracker import RabitTracker
 
@@ -234,8 +236,10 @@ class XGBoostBackend(Backend):
         params.setdefault("nthread", task.threads)
         if task.use_gpu:
             params.setdefault("device", "cuda")
-        args = dict(task.collective, dmlc_task_id=str(ctx.rank))
-        communicator = xgb.collective.CommunicatorContext(**args)
+        communicator: Any = contextlib.nullcontext()
+        if task.collective:
+            args = dict(task.collective, dmlc_task_id=str(ctx.rank))
+            communicator = xgb.collective.CommunicatorContext(**args)
         with quiet_native_output():  # its "Task N got rank N" banner
             communicator.__enter__()
         # No try/finally: a worker that fails leaves its communicator open. Finalizing it
