@@ -43,7 +43,7 @@ SCALE_FLOOR = ["--runs", "parquet-xgboost,parquet-xgboost-external", "--floor",
                "--name", "scale-floor"]
 #: the 50 GB run: 430M rows x 29 float32 on a 24 GiB machine, XGBoost with external memory,
 #: neve's default layout on one node (one worker with both CPUs: one worker's fixed memory,
-#: where what xgboost keeps per row leaves ~1 GiB below Ray's memory monitor)
+#: where what xgboost keeps per row left ~2 GiB below Ray's memory monitor's threshold)
 FIFTY_GB = ["--rows", "430000000", "--runs", "parquet-xgboost-external", "--rounds", "5",
             "--layout", "1x2", "--name", "scale-50gb"]
 #: larger than memory, and what xgboost keeps per row still fits: 300M rows (35 GB)

@@ -54,6 +54,10 @@ except ImportError:  # run as a script: python benchmarks/scale.py
 #: neve's worker layouts (workers, CPUs each): two workers of one CPU, or one worker with
 #: both CPUs (what ``num_workers=-1``, neve's default, gives on a one-node cluster)
 LAYOUTS = {"2x1": (2, 1), "1x2": (1, 2)}
+
+
+def layout_text(layout: str) -> str:
+    return "{} x {} CPU".format(*LAYOUTS[layout])
 SOURCES = ("duckdb", "parquet", "postgres")
 ALL_RUNS = [f"{s}-{f}" for s in SOURCES for f in ("xgboost", "lightgbm")] + [
     f"{s}-xgboost-external" for s in SOURCES]
@@ -328,7 +332,7 @@ def warm_up(framework: str, layout: str) -> None:
     frame = pd.DataFrame(rng.normal(size=(1000, common.NUM_FEATURES + 1)).astype(np.float32),
                          columns=[*common.FEATURES, common.LABEL])
     neve_estimator(framework, 1, layout).fit(frame, input_cols=common.FEATURES,
-                                     label_col=common.LABEL)
+                                             label_col=common.LABEL)
 
 
 # -- the runs --------------------------------------------------------------------------------------
@@ -454,8 +458,7 @@ def build_report(args: Any, runs: list[str], results: dict[str, Any]) -> common.
                                           "float32_gib": round(args.rows * common.ROW_BYTES
                                                                / GIB, 2),
                                           "rounds": args.rounds,
-                                          "workers": "{} x {} CPU".format(
-                                              *LAYOUTS[args.layout])})
+                                          "workers": layout_text(args.layout)})
     rows = []
     for name in runs:
         r = results[name]
@@ -525,7 +528,7 @@ def _against_the_in_memory_run(args: Any, results: dict[str, Any], runs: list[st
         neve = results[name].get("neve", {})
         if neve.get("status") == "ok":
             rate = args.rows / neve["seconds"]
-            out.append(f"{name} ({'{} x {} CPU'.format(*LAYOUTS[args.layout])}): "
+            out.append(f"{name} ({layout_text(args.layout)}): "
                        f"{common.fmt_rate(rate)} rows/s, "
                        f"{rate / base_rate:.2f}x the in-memory parquet-xgboost run of "
                        f"{small['params']['rows']:,} rows ({small['params'].get('workers')}: "
