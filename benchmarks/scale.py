@@ -28,7 +28,7 @@ xgboost alone, the least it takes: one process streams the row groups through a
 
 ``--rows 430000000 --runs parquet-xgboost-external``: 50 GB of float32 on a 24 GiB
 machine, XGBoost with external memory. It checks free disk first (data plus the
-binned pages: about 60 GB) and deletes the data afterwards (``--keep-data`` keeps it).
+binned pages: about 45 GB) and deletes the data afterwards (``--keep-data`` keeps it).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ LAYOUTS = {"2x1": (2, 1), "1x2": (1, 2)}
 
 def layout_text(layout: str) -> str:
     return "{} x {} CPU".format(*LAYOUTS[layout])
+
+
 SOURCES = ("duckdb", "parquet", "postgres")
 ALL_RUNS = [f"{s}-{f}" for s in SOURCES for f in ("xgboost", "lightgbm")] + [
     f"{s}-xgboost-external" for s in SOURCES]

@@ -202,7 +202,7 @@ def test_a_shard_too_big_even_for_external_memory_is_warned_about() -> None:
     share = 8 * 2**30  # Ray's memory on a 24 GiB node, over two workers
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backend.external_memory(None, 150_000_000, 28, share) is True  # 6.7 GiB: fine
+        assert backend.external_memory(None, 150_000_000, 28, share) is True  # 7.0 GiB: fine
         assert backend.external_memory(None, 1_000_000, 28, share) is False
     with pytest.warns(MemoryWarning, match=r"about 10\.0 GiB in memory for its 215,000,000 rows "
                       r"\(label, gradients.*more workers on more nodes"):

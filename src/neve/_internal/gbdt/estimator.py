@@ -154,9 +154,9 @@ class GBDTEstimator(Generic[BoosterT]):
         keeps its shard on disk, where the copy of the predictions this takes (4 bytes
         per row) is memory a larger-than-memory fit cannot spare.
         """
-        if external_memory not in (None, True, False):
-            raise ConfigError(
-                f"external_memory must be None (auto), True or False, got {external_memory!r}")
+        for name, value in (("external_memory", external_memory), ("eval_train", eval_train)):
+            if value not in (None, True, False):
+                raise ConfigError(f"{name} must be None (auto), True or False, got {value!r}")
         if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
             raise ConfigError(f"max_failures must be an integer >= 0, got {max_failures!r}")
         scaling = self.scaling_config if self.scaling_config is not None else self._scaling_type()

@@ -186,8 +186,6 @@ def fit(
     if external_memory and not backend.has_external_memory:
         raise ConfigError(f"{backend.name} has no external-memory mode; leave "
                           "external_memory out")
-    if eval_train not in (None, True, False):
-        raise ConfigError(f"eval_train must be None (auto), True or False, got {eval_train!r}")
     store, history = _checkpoints(backend, checkpoint_stage, resume_from, init_model)
     if isinstance(verbose_eval, bool):
         verbose_every = 1 if verbose_eval else None
