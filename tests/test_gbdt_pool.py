@@ -72,7 +72,8 @@ def test_an_estimator_made_on_a_running_ray_starts_its_workers(
     groups: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Made on neve's own Ray, an estimator starts the group its fit will ask for, with
-    its framework imported, in the background; the fit then runs on those processes."""
+    its framework and neve's side of the fit imported (scikit-learn left out), in the
+    background; the fit then runs on those processes."""
     import sys
 
     from neve._internal.context import WorkerContext
@@ -85,11 +86,13 @@ def test_an_estimator_made_on_a_running_ray_starts_its_workers(
     (layout,) = group._pool._idle  # started, and waiting warm
     started = group._pool._idle[layout][0]
 
-    def imported(ctx: WorkerContext) -> bool:
-        return "lightgbm" in sys.modules  # nothing in this function imports it
+    def imported(ctx: WorkerContext) -> tuple[bool, bool, bool]:
+        # nothing in this function imports them
+        return ("lightgbm" in sys.modules, "neve._internal.gbdt.lgbm" in sys.modules,
+                "sklearn" in sys.modules)
 
     assert started.run(imported, [WorkerContext(rank=r, world_size=2) for r in range(2)]) == [
-        True, True]
+        (True, True, False)] * 2
     estimator.fit(make_frame(2_000), INPUTS, "y")
     assert groups == [started]
 

@@ -47,6 +47,7 @@ class LightGBMEstimator(GBDTEstimator["lightgbm.Booster"]):
     """
 
     _scaling_type = LightGBMScalingConfig
+    _backend_module = "neve._internal.gbdt.lgbm"
     _default_objective = "regression"
 
     def __init__(

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: What the workers import while they start, ahead of the run: torch; what torch's
+#: optimizers import when the first one is made (torch._dynamo: 0.8 s); neve's side.
+WORKER_MODULES = ("torch", "torch._dynamo", "neve.pytorch._worker",
+                  "neve._internal.data.torch_dataset")
+
 
 @dataclass(frozen=True)
 class PyTorchDistributorResult:
@@ -80,7 +85,7 @@ class PyTorchDistributor:
         self.train_func = train_func
         self.scaling_config = scaling_config
         # On a running Ray, the workers start (and import torch) before run asks.
-        group.prestart(self._layout, ("torch",))
+        group.prestart(self._layout, WORKER_MODULES)
 
     def _layout(self, view: cluster.ClusterView) -> Layout:
         return self.scaling_config.layout() if self.scaling_config is not None else (
@@ -128,7 +133,7 @@ class PyTorchDistributor:
         view = cluster.view()
         layout = self._layout(view)
         layout.check_feasible(view)
-        group.prepare(layout, ("torch",))  # workers start while the driver plans the data
+        group.prepare(layout, WORKER_MODULES)  # workers start while the driver plans the data
         connectors = list((dataset_map or {}).values())
         run = _Run(self.train_func, layout, store, dict(hyper_params or {}),
                    dict(dataset_map or {}))

@@ -45,6 +45,7 @@ class XGBEstimator(GBDTEstimator["xgboost.Booster"]):
     """
 
     _scaling_type = XGBScalingConfig
+    _backend_module = "neve._internal.gbdt.xgb"
     _default_objective = "reg:squarederror"
 
     def __init__(

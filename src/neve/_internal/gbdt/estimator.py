@@ -51,7 +51,8 @@ def hints(scaling: str) -> dict[str, str]:
 class GBDTEstimator(Generic[BoosterT]):
     """Base of XGBEstimator and LightGBMEstimator (keyword-friendly, picklable)."""
 
-    _backend_name: str
+    #: the module of the framework's Backend, imported by the workers ahead of a fit
+    _backend_module: str
     _scaling_type: type[GBDTScalingConfig] = GBDTScalingConfig
     _default_objective: str
 
@@ -76,13 +77,14 @@ class GBDTEstimator(Generic[BoosterT]):
         self._prestart()
 
     def _prestart(self) -> None:
-        """On a running Ray, let this estimator's workers start before fit asks."""
+        """On a running Ray, let this estimator's workers start before fit asks (the
+        driver imports no framework for it: the workers do, in parallel)."""
         scaling = self.scaling_config
         if scaling is not None and not isinstance(scaling, GBDTScalingConfig):
             return  # fit says what is wrong
-        backend = self._backend()
-        group.prestart(lambda view: runner.layout_for(backend, scaling or self._scaling_type(),
-                                                      view), (backend.name,))
+        group.prestart(lambda view: runner.layout_for(self._backend,
+                                                      scaling or self._scaling_type(), view),
+                       (self._backend_module,))
 
     # -- framework hooks ----------------------------------------------------------------
 

@@ -206,8 +206,9 @@ def fit(
 
     cluster.ensure_ray()
     view = cluster.view()
-    layout = layout_for(backend, scaling, view)
-    group.prepare(layout, (backend.name,))  # workers start while the driver plans the data
+    layout = layout_for(lambda: backend, scaling, view)
+    # The workers start, and import the backend's module, while the driver plans the data.
+    group.prepare(layout, (type(backend).__module__,))
     connectors = [c for c in (train, evaluation) if c is not None]
     with contextlib.ExitStack() as plans:  # the run's spills and snapshots go when it ends
         for connector in connectors:
@@ -250,11 +251,13 @@ def _checkpoints(backend: Backend, stage: Any, resume_from: str | None,
     return store, history
 
 
-def layout_for(backend: Backend, scaling: GBDTScalingConfig,
+def layout_for(backend: Callable[[], Backend], scaling: GBDTScalingConfig,
                view: cluster.ClusterView) -> Layout:
-    """Where the workers of a fit go on this cluster."""
+    """Where the workers of a fit go on this cluster (``backend`` is made, and its
+    framework imported, only where GPUs could be used)."""
     gpu_unsupported = (  # asked only where GPUs could be used: LightGBM's check runs a probe
-        backend.gpu_unsupported() if view.total_gpus and scaling.use_gpu is not False else None
+        backend().gpu_unsupported() if view.total_gpus and scaling.use_gpu is not False
+        else None
     )
     return scaling.resolve(view, gpu_unsupported=gpu_unsupported)
 
