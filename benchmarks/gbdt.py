@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--rounds", type=int, default=100, help="boosting rounds")
     parser.add_argument("--frameworks", default="xgboost,lightgbm",
                         help="comma-separated: xgboost, lightgbm")
-    parser.add_argument("--small-repeat", type=int, default=3,
+    parser.add_argument("--small-repeat", type=int, default=5,
                         help="fits of the small multi-class case per contender (0: skip it)")
     parser.add_argument("--no-ray-train", action="store_true",
                         help="leave Ray Train's trainers out")
