@@ -9,7 +9,8 @@ float32 + label), with the same parameters everywhere:
 * ``neve`` - ``XGBEstimator`` / ``LightGBMEstimator`` on 2 workers x 1 CPU over
   ``DataConnector.from_dataframe(session.table("train"))``: the first fit (fresh
   worker processes) and a second, warm fit (a new connector, so it reads the
-  table again);
+  table again); native, first and warm ``--repeat`` times each (3), interleaved,
+  the median counting;
 * ``Ray Train`` - ``XGBoostTrainer`` / ``LightGBMTrainer`` (2 workers x 1 CPU) over
   ``ray.data.from_arrow`` of the same table, written as Ray's documentation
   shows (``materialize().to_pandas()`` in each worker).
@@ -198,11 +199,11 @@ def predict(framework: str, booster: Any, x: np.ndarray) -> np.ndarray:
     return booster.predict(x)
 
 
-def run_neve(framework: str, args: Any, database: str,
-             test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    fits = NeveFits(framework, args, database)
+def neve_once(fits: NeveFits, framework: str,
+              test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """A first fit (fresh workers: the warm ones given back before) and a warm one."""
     common.release_neve_workers()
-    out: dict[str, Any] = {"status": "ok"}
+    out: dict[str, Any] = {}
     for key, what in (("first", "first fit (fresh workers)"), ("warm", "second fit (warm)")):
         common.log(f"neve {framework}: {what} ...")
         booster, seconds, memory = fits.fit()
@@ -210,18 +211,61 @@ def run_neve(framework: str, args: Any, database: str,
                     "memory": memory}
         common.log(f"neve {framework}: {what}: {seconds:.2f} s, RMSE {out[key]['rmse']:.4f}, "
                    f"peak private {common.fmt_mb(memory['peak_private'])} MiB/worker")
+    return out
+
+
+def neve_baseline(fits: NeveFits, framework: str, args: Any,
+                  first_memory: dict[str, Any]) -> dict[str, Any]:
+    """What a fresh worker holds fitting a few rows, and the first fit's memory beyond it
+    per shard float32 byte."""
     common.release_neve_workers()
     common.log(f"neve {framework}: baseline memory: a fresh group fits {TINY_ROWS} rows ...")
     _, _, baseline = fits.fit(f"SELECT * FROM train LIMIT {TINY_ROWS}")
     common.release_neve_workers()
-    out["baseline"] = {"memory": baseline}
     shard_bytes = args.rows / WORKERS * common.ROW_BYTES
-    peak, base = out["first"]["memory"]["peak_private"], baseline["peak_private"]
-    out["shard_float32_bytes"] = shard_bytes
-    out["memory_ratio"] = None if peak is None or base is None else (peak - base) / shard_bytes
+    peak, base = first_memory["peak_private"], baseline["peak_private"]
+    ratio = None if peak is None or base is None else (peak - base) / shard_bytes
     common.log(f"neve {framework}: baseline {common.fmt_mb(base)} MiB/worker; "
-               f"(peak - baseline) / shard float32 bytes = {common.fmt_x(out['memory_ratio'])}")
-    return out
+               f"(peak - baseline) / shard float32 bytes = {common.fmt_x(ratio)}")
+    return {"baseline": {"memory": baseline}, "shard_float32_bytes": shard_bytes,
+            "memory_ratio": ratio}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's figures (its memory, its breakdown), with the median fit time of
+    all and each one's time."""
+    times = [r["fit_s"] for r in runs]
+    return {**runs[0], "fit_s": float(np.median(times)), "all_s": times}
+
+
+def run_pair(framework: str, args: Any, session: Any, database: str,
+             test: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Native and neve (a first and a warm fit), ``--repeat`` times, interleaved: drift on
+    a noisy machine hits both alike."""
+    fits = NeveFits(framework, args, database)
+    natives: list[dict[str, Any]] = []
+    neves: list[dict[str, Any]] = []
+    failed: dict[str, Any] | None = None
+    for i in range(args.repeat):
+        common.log(f"native {framework} (nthread=2), {i + 1} of {args.repeat} ...")
+        fit = native(framework, args, session, test)
+        common.log(f"native {framework}: {fit['fit_s']:.2f} s (read {fit['read_s']:.2f} + "
+                   f"matrix {fit['matrix_s']:.2f} + train {fit['train_s']:.2f}), RMSE "
+                   f"{fit['rmse']:.4f}, memory +{common.fmt_mb(fit['memory_growth'])} MiB")
+        natives.append(fit)
+        if failed is None:
+            try:
+                neves.append(neve_once(fits, framework, test))
+            except Exception as exc:  # report it in the table and go on
+                common.log(f"neve {framework}: failed: {type(exc).__name__}: {exc}")
+                common.release_neve_workers()
+                failed = {"status": "failed", "reason": common.one_line(exc)}
+    if failed is not None:
+        return median_of(natives), failed
+    neve = {"status": "ok", **{key: median_of([n[key] for n in neves])
+                               for key in ("first", "warm")}}
+    neve.update(neve_baseline(fits, framework, args, neve["first"]["memory"]))
+    return median_of(natives), neve
 
 
 # -- Ray Train ---------------------------------------------------------------------------------
@@ -358,6 +402,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--rounds", type=int, default=100, help="boosting rounds")
     parser.add_argument("--frameworks", default="xgboost,lightgbm",
                         help="comma-separated: xgboost, lightgbm")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="native, neve first and neve warm fits of the 1M-row case, each "
+                        "(the median counts)")
     parser.add_argument("--small-repeat", type=int, default=5,
                         help="fits of the small multi-class case per contender (0: skip it)")
     parser.add_argument("--no-ray-train", action="store_true",
@@ -384,18 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"ray_start_s": ray_start_s}
     for framework in frameworks:
-        common.log(f"native {framework} (nthread=2) ...")
-        native_fit = native(framework, args, session, test)
-        common.log(f"native {framework}: {native_fit['fit_s']:.2f} s (read "
-                   f"{native_fit['read_s']:.2f} + matrix {native_fit['matrix_s']:.2f} + train "
-                   f"{native_fit['train_s']:.2f}), RMSE {native_fit['rmse']:.4f}, memory "
-                   f"+{common.fmt_mb(native_fit['memory_growth'])} MiB")
-        try:
-            neve = run_neve(framework, args, database, test)
-        except Exception as exc:  # report it in the table and go on
-            common.log(f"neve {framework}: failed: {type(exc).__name__}: {exc}")
-            common.release_neve_workers()
-            neve = {"status": "failed", "reason": common.one_line(exc)}
+        native_fit, neve = run_pair(framework, args, session, database, test)
         ray_train = (run_ray_train(framework, args, database, test) if not args.no_ray_train
                      else {"status": "skipped", "reason": "--no-ray-train"})
         results[framework] = {"native": native_fit, "neve": neve, "ray_train": ray_train}
@@ -481,10 +517,15 @@ def run_small(repeat: int) -> dict[str, Any]:
     return out
 
 
+def all_s(fit: dict[str, Any]) -> str:
+    return ", ".join(f"{x:.2f}" for x in fit.get("all_s", [fit["fit_s"]]))
+
+
 def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> common.Report:
     report = common.Report("gbdt", "XGBoost and LightGBM from a DuckDB file",
                            {"rows": args.rows, "features": common.NUM_FEATURES,
-                            "rounds": args.rounds, "workers": f"{WORKERS} x 1 CPU",
+                            "rounds": args.rounds, "repeat": args.repeat,
+                            "workers": f"{WORKERS} x 1 CPU",
                             "ray_cpus": os.environ.get("NEVE_LOCAL_NUM_CPUS")})
     shard_bytes = args.rows / WORKERS * common.ROW_BYTES
     rows = []
@@ -501,26 +542,29 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                 return ["-", "-"]
             return [common.fmt_mb(m["peak_rss"]), common.fmt_mb(m["peak_private"])]
 
-        rows.append([f"{native_name} native (nthread=2)", common.fmt_s(base), "1.00x",
+        rows.append([f"{native_name} native (nthread=2)", common.fmt_s(base), all_s(native),
+                     "1.00x",
                      f"{native['rmse']:.4f}", "-",
                      f"+{common.fmt_mb(native['memory_growth'])}",
                      common.fmt_x(native["memory_ratio"])])
         for key, what in (("first", "first fit"), ("warm", "warm fit")):
             if neve["status"] != "ok":
-                rows.append([f"neve {neve_name} 2x1, {what}", "-", "-", "-", "-", "-",
+                rows.append([f"neve {neve_name} 2x1, {what}", "-", "-", "-", "-", "-", "-",
                              f"failed: {neve['reason']}"])
                 continue
             fit = neve[key]
             rows.append([f"neve {neve_name} 2x1, {what}", common.fmt_s(fit["fit_s"]),
-                         common.fmt_x(common.ratio(fit["fit_s"], base)), f"{fit['rmse']:.4f}",
+                         all_s(fit), common.fmt_x(common.ratio(fit["fit_s"], base)),
+                         f"{fit['rmse']:.4f}",
                          *mem(fit["memory"]),
                          common.fmt_x(neve["memory_ratio"]) if key == "first" else "-"])
         if ray_train.get("status") == "ok":
             rows.append([f"Ray Train {ray_name} 2x1", common.fmt_s(ray_train["fit_s"]),
+                         common.fmt_s(ray_train["fit_s"]),
                          common.fmt_x(common.ratio(ray_train["fit_s"], base)),
                          f"{ray_train['rmse']:.4f}", *mem(ray_train["memory"]), "-"])
         else:
-            rows.append([f"Ray Train {ray_name} 2x1", "-", "-", "-", "-", "-",
+            rows.append([f"Ray Train {ray_name} 2x1", "-", "-", "-", "-", "-", "-",
                          f"{ray_train['status']}: {ray_train['reason']}"])
         if neve["status"] != "ok":
             continue
@@ -533,10 +577,13 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                       None if neve["memory_ratio"] is None else neve["memory_ratio"] <= 0.6)
     report.table(
         "Fit time (DuckDB table -> Booster in the driver), quality, worker memory",
-        ["contender", "fit s", "vs native", "test RMSE", "peak RSS MiB", "peak private MiB",
-         "mem / shard"],
+        ["contender", "fit s", "all s", "vs native", "test RMSE", "peak RSS MiB",
+         "peak private MiB", "mem / shard"],
         rows,
         notes=[
+            f"fit s: the median of {args.repeat} fits each (Ray Train: one), native and neve "
+            "interleaved; a first fit starts fresh workers (the warm ones given back before), "
+            "their process start and imports counted; memory and RMSE: the first of each",
             f"Ray started before the fits ({results['ray_start_s']:.1f} s, not counted); "
             "native reads the table into NumPy inside its time",
             "peak MiB: the largest worker; private = RSS less shared pages (Ray's object "
