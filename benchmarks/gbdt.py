@@ -262,8 +262,8 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                 failed = {"status": "failed", "reason": common.one_line(exc)}
     if failed is not None:
         return median_of(natives), failed
-    neve = {"status": "ok", **{key: median_of([n[key] for n in neves])
-                               for key in ("first", "warm")}}
+    neve: dict[str, Any] = {"status": "ok", **{key: median_of([n[key] for n in neves])
+                                               for key in ("first", "warm")}}
     neve.update(neve_baseline(fits, framework, args, neve["first"]["memory"]))
     return median_of(natives), neve
 
