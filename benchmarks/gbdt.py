@@ -268,6 +268,38 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
     return median_of(natives), neve
 
 
+def ray_group_start(repeat: int) -> list[float]:
+    """What Ray alone takes to start a group like neve's 2 x 1: a placement group, and an
+    actor in each bundle, in a new process, to its first answer (nothing imported)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    class Bare:
+        def pid(self) -> int:
+            return os.getpid()
+
+    bare = ray.remote(num_cpus=1)(Bare)
+    times = []
+    for _ in range(repeat):
+        common.release_neve_workers()
+        t0 = time.perf_counter()
+        pg = placement_group([{"CPU": 1}] * WORKERS, strategy="PACK")
+        ray.get(pg.ready())
+        actors = [bare.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=i)).remote()
+            for i in range(WORKERS)]
+        ray.get([actor.pid.remote() for actor in actors])
+        times.append(time.perf_counter() - t0)
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(pg)
+    common.wait_cpus_free()
+    common.log(f"Ray alone: a placement group of {WORKERS} x 1 CPU and its actors answer in "
+               f"{', '.join(f'{t:.2f}' for t in times)} s")
+    return times
+
+
 # -- Ray Train ---------------------------------------------------------------------------------
 # The training functions run in Ray Train's workers: they reference nothing of this
 # folder (its modules are not importable there).
@@ -435,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_train = (run_ray_train(framework, args, database, test) if not args.no_ray_train
                      else {"status": "skipped", "reason": "--no-ray-train"})
         results[framework] = {"native": native_fit, "neve": neve, "ray_train": ray_train}
+    results["ray_group_start_s"] = ray_group_start(args.repeat)
     session.close()
     if args.small_repeat:
         results["small"] = run_small(args.small_repeat)
@@ -584,6 +617,12 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             f"fit s: the median of {args.repeat} fits each (Ray Train: one), native and neve "
             "interleaved; a first fit starts fresh workers (the warm ones given back before), "
             "their process start and imports counted; memory and RMSE: the first of each",
+            "a first fit's cost beyond a warm one is mostly Ray's: alone, a placement group "
+            f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
+            "nothing imported) answer in "
+            f"{float(np.median(results['ray_group_start_s'])):.2f} s (median of "
+            f"{len(results['ray_group_start_s'])}); Ray reuses the processes it starts with "
+            "for actors outside placement groups only",
             f"Ray started before the fits ({results['ray_start_s']:.1f} s, not counted); "
             "native reads the table into NumPy inside its time",
             "peak MiB: the largest worker; private = RSS less shared pages (Ray's object "
