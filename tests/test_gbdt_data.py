@@ -219,6 +219,34 @@ def test_lightgbm_has_no_external_memory() -> None:
         LightGBMEstimator().fit(make_frame(100), INPUTS, "y", external_memory=True)
 
 
+def test_lightgbm_builds_row_wise_histograms_for_a_small_shard_only() -> None:
+    """Row-wise keeps a second, row-major copy of the bins: for a shard whose copy is a
+    small share of its worker's memory (faster), not for a large one, not against the
+    user's own choice."""
+    from neve._internal.gbdt.lgbm import ROW_WISE_SHARE, LightGBMBackend
+
+    backend = LightGBMBackend()
+    share = 8 * 2**30
+    small = int(ROW_WISE_SHARE * share / 28)  # rows whose row-wise copy just fits
+    assert backend.sized_params({}, small, 28, share) == {"force_row_wise": True}
+    assert backend.sized_params({}, small + 1, 28, share) == {"force_col_wise": True}
+    assert backend.sized_params({"max_bin": 1023}, small, 28, share) == {
+        "max_bin": 1023, "force_col_wise": True}  # two bytes a bin
+    assert backend.sized_params({}, 1000, 28, 0.0) == {"force_col_wise": True}  # unknown
+    for own in ({"force_col_wise": True}, {"force_row_wise": True}):
+        assert backend.sized_params(dict(own), 10**9, 28, share) == own
+
+
+def test_a_small_lightgbm_fit_trains_row_wise(ray_session: None) -> None:
+    from neve.lightgbm import LightGBMEstimator, LightGBMScalingConfig
+
+    booster = LightGBMEstimator(
+        n_estimators=3, scaling_config=LightGBMScalingConfig(num_workers=2,
+                                                             num_cpu_per_worker=1),
+    ).fit(make_frame(2_000), INPUTS, "y")
+    assert "[force_row_wise: 1]" in booster.model_to_string()
+
+
 def test_external_memory_that_would_fill_the_disk_is_refused(tmp_path: Path) -> None:
     """xgboost aborts its process when a page cannot be written; neve checks first."""
     from neve._internal.gbdt.xgb import _check_disk

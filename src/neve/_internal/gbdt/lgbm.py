@@ -191,6 +191,11 @@ def _cuda_missing() -> str | None:
     return None
 
 
+#: the share of a worker's memory LightGBM's row-wise copy of the bins may take (20M rows
+#: x 28 features on 2 workers of a 23.5 GiB node: 280 MB a worker, over it: col-wise)
+ROW_WISE_SHARE = 0.02
+
+
 class LightGBMBackend(Backend):
     name = "lightgbm"
     eval_whole_on_every_worker = True
@@ -215,15 +220,28 @@ class LightGBMBackend(Backend):
     def gpu_unsupported(self) -> str | None:
         return _cuda_missing()
 
+    def sized_params(self, params: dict[str, Any], rows_per_worker: int, features: int,
+                     budget_bytes: float) -> dict[str, Any]:
+        """Row-wise histograms for a small shard, col-wise for a large one (unless told).
+
+        Row-wise, LightGBM keeps a row-major copy of the bins, a byte or two per feature
+        per row (+24 % of the float32 bytes of 28 features), and trains narrow dense data
+        faster: 9.1 s against 10.3 s for 1M rows x 28 features on 2 one-CPU workers.
+        Left to choose, LightGBM times both on the first iteration and took col-wise
+        there, and building both costs the copy anyway. Where the copy would pass
+        ``ROW_WISE_SHARE`` of a worker's memory, col-wise."""
+        if params.get("force_row_wise") or params.get("force_col_wise"):
+            return params
+        copy = rows_per_worker * features * (1 if int(params.get("max_bin", 255)) <= 255 else 2)
+        if budget_bytes > 0 and copy <= ROW_WISE_SHARE * budget_bytes:
+            return {**params, "force_row_wise": True}
+        return {**params, "force_col_wise": True}
+
     def train(self, task: TrainTask, ctx: WorkerContext) -> TrainResult | None:
         lgb.register_logger(_Log())
         params = dict(task.params)
         params.setdefault("num_threads", task.threads)
         params.setdefault("verbosity", -1)
-        if not params.get("force_row_wise"):
-            # Without either, LightGBM builds a row-wise copy of the bins to time both
-            # layouts: +20% of the shard's float32 bytes at the peak.
-            params.setdefault("force_col_wise", True)
         if task.use_gpu:
             params.setdefault("device_type", "cuda")
         if task.collective:

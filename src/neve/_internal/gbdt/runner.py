@@ -146,6 +146,12 @@ class Backend(ABC):
         choice, ``None`` for automatic)."""
         return False
 
+    def sized_params(self, params: dict[str, Any], rows_per_worker: int, features: int,
+                     budget_bytes: float) -> dict[str, Any]:
+        """The parameters the workers get, given how large a shard is against a worker's
+        share of its node's memory."""
+        return params
+
 
 def _as_connector(data: Any, what: str) -> Any:
     from neve.data import DataConnector
@@ -297,12 +303,13 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
             raise EmptyDatasetError(
                 f"the eval set ({evaluation._source.description}) holds no rows"
             )
-    on_disk = backend.external_memory(external_memory,
-                                      -(-train_plan.estimated_rows // layout.num_workers),
-                                      len(spec.input_cols), budget)
+    rows_per_worker = -(-train_plan.estimated_rows // layout.num_workers)
+    on_disk = backend.external_memory(external_memory, rows_per_worker, len(spec.input_cols),
+                                      budget)
 
     task = TrainTask(
-        params=dict(params),
+        params=backend.sized_params(dict(params), rows_per_worker, len(spec.input_cols),
+                                    budget),
         num_boost_round=num_boost_round - history.rounds_done,
         spec=spec,
         train=train_plan,
