@@ -593,7 +593,7 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                          common.fmt_x(neve["memory_ratio"]) if key == "first" else "-"])
         if ray_train.get("status") == "ok":
             rows.append([f"Ray Train {ray_name} 2x1", common.fmt_s(ray_train["fit_s"]),
-                         common.fmt_s(ray_train["fit_s"]),
+                         all_s(ray_train),
                          common.fmt_x(common.ratio(ray_train["fit_s"], base)),
                          f"{ray_train['rmse']:.4f}", *mem(ray_train["memory"]), "-"])
         else:

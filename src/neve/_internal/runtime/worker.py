@@ -120,14 +120,12 @@ def preload(module: str) -> None:
     """Import ``module`` ahead of the run that needs it, without :data:`_LEFT_OUT` where
     nothing has imported that yet; a module that needs it is imported with it."""
     left_out = [name for name in _LEFT_OUT if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(left_out))  # type: ignore[arg-type]  # import: ImportError
     try:
-        for name in left_out:
-            sys.modules[name] = None  # type: ignore[assignment]  # its import raises ImportError
-        try:
-            importlib.import_module(module)
-            return
-        except ImportError:
-            pass
+        importlib.import_module(module)
+        return
+    except ImportError:
+        pass
     finally:
         for name in left_out:
             if sys.modules.get(name, "") is None:
