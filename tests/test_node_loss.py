@@ -63,7 +63,8 @@ SCRIPT = textwrap.dedent(
             cluster.remove_node(node)
 
         removed = []
-        threading.Thread(target=remove_rank_1_node, daemon=True).start()
+        remover = threading.Thread(target=remove_rank_1_node, daemon=True)
+        remover.start()
         rng = np.random.default_rng(0)
         frame = pd.DataFrame(rng.normal(size=(4000, 3)), columns=["a", "b", "c"])
         frame["y"] = 2 * frame["a"] - frame["b"]
@@ -81,6 +82,9 @@ SCRIPT = textwrap.dedent(
         out["removed"] = [node_id for node_id, _ in removed]
         out["groups"] = len(groups)
         print("RESULT " + json.dumps(out), flush=True)
+        # The fit can fail while remove_node() is still waiting on the node's
+        # processes; Cluster.shutdown() would then remove the same node again.
+        remover.join(timeout=60)
     finally:
         group.shutdown_idle()
         ray.shutdown()
