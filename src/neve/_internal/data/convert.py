@@ -69,7 +69,17 @@ def numeric_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         return pc.cast(column, pa.float64()).fill_null(float("nan")).to_numpy()
     if pat.is_boolean(column.type):
         return column.to_numpy(zero_copy_only=False)
-    return column.to_numpy(zero_copy_only=False)
+    return _buffer_view(column)
+
+
+def _buffer_view(column: pa.Array) -> np.ndarray:
+    """A fixed-width column without NULLs as a read-only view of its data buffer: what
+    ``to_numpy()`` returns, without the pandas import (0.15 s) Arrow's conversion makes
+    on its first call, in every fresh worker."""
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    if len(column) == 0:
+        return np.empty(0, dtype)
+    return np.frombuffer(column.buffers()[1], dtype, len(column), column.offset * dtype.itemsize)
 
 
 def python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
