@@ -27,7 +27,7 @@ from neve._internal.gbdt.runner import (
     plain_floats,
 )
 from neve._internal.runtime import group
-from neve._internal.runtime.worker import quiet_native_output, report
+from neve._internal.runtime.worker import hold_port, quiet_native_output, release_port, report
 from neve._internal.warn import warn_user
 from neve.exceptions import MemoryWarning, ResourcesUnavailableError
 
@@ -213,11 +213,23 @@ class XGBoostBackend(Backend):
 
         host = ray.util.get_node_ip_address()
         timeout = int(settings.WORKER_START_TIMEOUT_S.get())
-        tracker = RabitTracker(n_workers=workers.num_workers, host_ip=host, sortby="task",
-                               timeout=timeout)
+        # The port is picked here rather than read back with tracker.worker_args(), which
+        # polls for the tracker's thread every 100 ms: 0.1 s of every fit. The tracker
+        # listens from its constructor on, so workers that connect early wait in its
+        # backlog; a port taken in between fails the constructor, and another is tried.
+        for attempt in range(3):
+            port = hold_port(host)
+            release_port(port)
+            try:
+                tracker = RabitTracker(n_workers=workers.num_workers, host_ip=host, port=port,
+                                       sortby="task", timeout=timeout)
+                break
+            except xgb.core.XGBoostError:
+                if attempt == 2:
+                    raise
         tracker.start()
-        args = dict(tracker.worker_args())
-        args["dmlc_timeout"] = int(settings.COLLECTIVE_TIMEOUT_S.get())
+        args = {"dmlc_tracker_uri": host, "dmlc_tracker_port": port,
+                "dmlc_timeout": int(settings.COLLECTIVE_TIMEOUT_S.get())}
 
         def close() -> None:
             with contextlib.suppress(Exception):  # the tracker may already be done
