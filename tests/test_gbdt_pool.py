@@ -72,7 +72,7 @@ def test_an_estimator_made_on_a_running_ray_starts_its_workers(
     groups: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Made on neve's own Ray, an estimator starts the group its fit will ask for, with
-    its framework and neve's side of the fit imported (scikit-learn left out), in the
+    its framework and neve's side of the fit imported (scikit-learn and pandas left out), in the
     background; the fit then runs on those processes."""
     import sys
 
@@ -86,13 +86,13 @@ def test_an_estimator_made_on_a_running_ray_starts_its_workers(
     (layout,) = group._pool._idle  # started, and waiting warm
     started = group._pool._idle[layout][0]
 
-    def imported(ctx: WorkerContext) -> tuple[bool, bool, bool]:
+    def imported(ctx: WorkerContext) -> tuple[bool, bool, bool, bool]:
         # nothing in this function imports them
         return ("lightgbm" in sys.modules, "neve._internal.gbdt.lgbm" in sys.modules,
-                "sklearn" in sys.modules)
+                "sklearn" in sys.modules, "pandas" in sys.modules)
 
     assert started.run(imported, [WorkerContext(rank=r, world_size=2) for r in range(2)]) == [
-        (True, True, False)] * 2
+        (True, True, False, False)] * 2
     estimator.fit(make_frame(2_000), INPUTS, "y")
     assert groups == [started]
 
