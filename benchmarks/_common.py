@@ -258,11 +258,26 @@ def trim_memory() -> None:
 
 
 def release_neve_workers() -> None:
-    """Give back the CPUs that neve's warm worker groups hold (before another trainer)."""
+    """Give back the CPUs that neve's warm worker groups hold (before another trainer),
+    and wait until their processes are gone: a measurement that follows does not share
+    the machine with their exit."""
     from neve._internal.runtime import group
 
+    pids = [w.pid for g, _ in list(group._pool._idle.values()) for w in g.workers]
     group.shutdown_idle()
     wait_cpus_free()
+    deadline = time.monotonic() + 30.0
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def wait_cpus_free(timeout_s: float = 30.0) -> None:

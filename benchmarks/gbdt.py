@@ -201,7 +201,8 @@ def predict(framework: str, booster: Any, x: np.ndarray) -> np.ndarray:
 
 def neve_once(fits: NeveFits, framework: str,
               test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """A first fit (fresh workers: the warm ones given back before) and a warm one."""
+    """A first fit (fresh workers: the warm ones given back before, their processes gone)
+    and a warm one."""
     common.release_neve_workers()
     out: dict[str, Any] = {}
     for key, what in (("first", "first fit (fresh workers)"), ("warm", "second fit (warm)")):
@@ -615,8 +616,9 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
         rows,
         notes=[
             f"fit s: the median of {args.repeat} fits each (Ray Train: one), native and neve "
-            "interleaved; a first fit starts fresh workers (the warm ones given back before), "
-            "their process start and imports counted; memory and RMSE: the first of each",
+            "interleaved; a first fit starts fresh workers (the warm ones given back before, "
+            "their processes gone), their process start and imports counted; memory and "
+            "RMSE: the first of each",
             "a first fit's cost beyond a warm one is mostly Ray's: alone, a placement group "
             f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
             "nothing imported) answer in "
