@@ -409,10 +409,11 @@ def test_workers_that_do_not_start_in_time(
 
 _PRELOAD = """
 import sys
+from neve._internal.gbdt.runner import LEFT_OUT
 from neve._internal.runtime.worker import preload
 
-preload("xgboost")
-preload("lightgbm")
+preload("xgboost", LEFT_OUT)
+preload("lightgbm", LEFT_OUT)
 for name in ("sklearn", "pandas"):
     assert name not in sys.modules, f"a framework's import pulled in {name}"
 import numpy as np
@@ -439,8 +440,9 @@ import sklearn.base
 
 assert len(pandas.DataFrame(x)) == 200
 
-preload("sklearn.linear_model")  # a module that needs it is imported with it
-assert "sklearn.linear_model" in sys.modules
+assert "xml.dom.minicompat" not in sys.modules
+preload("xml.dom.minidom", ("xml.dom.minicompat",))  # a module that needs one: with it
+assert "xml.dom.minidom" in sys.modules and "xml.dom.minicompat" in sys.modules
 preload("no_such_module_here")  # the run that needs it says what is missing
 print("ok")
 """

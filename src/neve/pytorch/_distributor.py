@@ -14,6 +14,7 @@ from neve._internal.context import WorkerContext
 from neve._internal.progress import Progress
 from neve._internal.runtime import cluster, controller, group, transfer
 from neve._internal.runtime.placement import Layout
+from neve._internal.runtime.worker import Imports
 from neve._internal.signatures import checked_keywords
 from neve.exceptions import ConfigError, WorkerError
 from neve.pytorch._config import PyTorchScalingConfig, default_layout
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: What the workers import while they start, ahead of the run: torch; what torch's
 #: optimizers import when the first one is made (torch._dynamo: 0.8 s); neve's side.
+#: Nothing is left out: torch._dynamo looks for scikit-learn and pandas to keep
+#: tracing out of them.
 WORKER_MODULES = ("torch", "torch._dynamo", "neve.pytorch._worker",
                   "neve._internal.data.torch_dataset")
 
@@ -85,7 +88,7 @@ class PyTorchDistributor:
         self.train_func = train_func
         self.scaling_config = scaling_config
         # On a running Ray, the workers start (and import torch) before run asks.
-        group.prestart(self._layout, WORKER_MODULES)
+        group.prestart(self._layout, Imports(WORKER_MODULES))
 
     def _layout(self, view: cluster.ClusterView) -> Layout:
         return self.scaling_config.layout() if self.scaling_config is not None else (
@@ -133,7 +136,8 @@ class PyTorchDistributor:
         view = cluster.view()
         layout = self._layout(view)
         layout.check_feasible(view)
-        group.prepare(layout, WORKER_MODULES)  # workers start while the driver plans the data
+        # The workers start while the driver plans the data.
+        group.prepare(layout, Imports(WORKER_MODULES))
         connectors = list((dataset_map or {}).values())
         run = _Run(self.train_func, layout, store, dict(hyper_params or {}),
                    dict(dataset_map or {}))

@@ -84,7 +84,7 @@ class GBDTEstimator(Generic[BoosterT]):
             return  # fit says what is wrong
         group.prestart(lambda view: runner.layout_for(self._backend,
                                                       scaling or self._scaling_type(), view),
-                       (self._backend_module,))
+                       runner.worker_imports(self._backend_module))
 
     # -- framework hooks ----------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from neve._internal import settings
 from neve._internal.context import WorkerContext
 from neve._internal.runtime import cluster, tracebacks
 from neve._internal.runtime.placement import Layout
-from neve._internal.runtime.worker import WorkerActor
+from neve._internal.runtime.worker import NOTHING, Imports, WorkerActor
 from neve.exceptions import (
     ConfigError,
     DataError,
@@ -58,7 +58,7 @@ class WorkerInfo:
 class WorkerGroup:
     """``layout.num_workers`` actors, gang-scheduled, ranked by node."""
 
-    def __init__(self, layout: Layout, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, layout: Layout, imports: Imports = NOTHING) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -86,7 +86,7 @@ class WorkerGroup:
                         num_cpus=layout.cpus_per_worker,
                         num_gpus=layout.gpus_per_worker,
                         scheduling_strategy=strategy,
-                    ).remote(f"rank {rank}", preload)
+                    ).remote(f"rank {rank}", imports)
                 )
             self._describe_workers(self._await_start())
         except BaseException:  # Ctrl-C included: leave nothing reserved
@@ -346,9 +346,9 @@ class _Pool:
         self._timer: threading.Timer | None = None
         atexit.register(self.close)
 
-    def prepare(self, layout: Layout, preload: tuple[str, ...] = ()) -> None:
+    def prepare(self, layout: Layout, imports: Imports = NOTHING) -> None:
         """Start a group of ``layout`` in the background (its processes import
-        ``preload``), unless one of that shape is idle or starting; it joins the warm
+        ``imports``), unless one of that shape is idle or starting; it joins the warm
         pool, where the next :meth:`acquire` of that layout finds it. Nothing starts
         where warm groups are not kept (a shared cluster, unless asked)."""
         if settings.worker_idle_timeout_s(shared_cluster=not cluster.started_here()) <= 0:
@@ -357,12 +357,12 @@ class _Pool:
             if layout in self._idle or layout in self._starting:
                 return
             done = self._starting[layout] = threading.Event()
-        threading.Thread(target=self._start, args=(layout, preload, done),
+        threading.Thread(target=self._start, args=(layout, imports, done),
                          name="neve-prepare", daemon=True).start()
 
-    def _start(self, layout: Layout, preload: tuple[str, ...], done: threading.Event) -> None:
+    def _start(self, layout: Layout, imports: Imports, done: threading.Event) -> None:
         try:
-            self.release(WorkerGroup(layout, preload))
+            self.release(WorkerGroup(layout, imports))
         except BaseException as exc:  # the run that asks for it will meet the cause itself
             logger.debug("starting a %s group in the background failed: %s",
                          layout.describe(), exc)
@@ -464,13 +464,13 @@ class _Pool:
 _pool = _Pool()
 
 
-def prepare(layout: Layout, preload: tuple[str, ...] = ()) -> None:
+def prepare(layout: Layout, imports: Imports = NOTHING) -> None:
     """Start a group for ``layout`` in the background, for a run about to ask for it."""
-    _pool.prepare(layout, preload)
+    _pool.prepare(layout, imports)
 
 
 def prestart(layout_of: Callable[[cluster.ClusterView], Layout],
-             preload: tuple[str, ...] = ()) -> None:
+             imports: Imports = NOTHING) -> None:
     """Where this process already runs on a Ray neve may keep warm workers on, start
     the group a run will likely ask for (an estimator or distributor was just made):
     its processes start and import their framework before the user asks.
@@ -488,7 +488,7 @@ def prestart(layout_of: Callable[[cluster.ClusterView], Layout],
     except Exception as exc:  # an invalid config: the run says so, with the fix
         logger.debug("no prestart: %s", exc)
         return
-    prepare(layout, preload)
+    prepare(layout, imports)
 
 
 def acquire(layout: Layout) -> WorkerGroup:

@@ -13,7 +13,8 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from neve._internal import context as _context
@@ -110,18 +111,28 @@ def release_port(port: int) -> None:
         sock.close()
 
 
-#: Kept out of a worker's imports ahead of a run: xgboost and LightGBM import their
-#: scikit-learn wrappers when scikit-learn is installed, 0.6 s of scipy and pandas per
-#: process that no fit uses, and LightGBM imports pandas (0.12 s) to recognise data
-#: frames, where neve hands it NumPy arrays. A later import (a user's callback, say)
-#: loads either as usual.
-_LEFT_OUT = ("sklearn", "pandas")
+@dataclass(frozen=True)
+class Imports:
+    """What a worker imports while it starts, ahead of the run that needs it, and what
+    it leaves out of those imports."""
+
+    modules: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
+
+    def load(self) -> None:
+        for module in self.modules:
+            preload(module, self.left_out)
 
 
-def preload(module: str) -> None:
-    """Import ``module`` ahead of the run that needs it, without :data:`_LEFT_OUT` where
-    nothing has imported that yet; a module that needs it is imported with it."""
-    left_out = [name for name in _LEFT_OUT if name not in sys.modules]
+#: a worker that imports nothing ahead of its run
+NOTHING = Imports()
+
+
+def preload(module: str, left_out: Sequence[str] = ()) -> None:
+    """Import ``module`` without the modules ``left_out`` where nothing has imported
+    them yet; a module that needs one is imported with it. A later import of one (a
+    user's callback, say) loads it as usual."""
+    left_out = [name for name in left_out if name not in sys.modules]
     sys.modules.update(dict.fromkeys(left_out))  # type: ignore[arg-type]  # import: ImportError
     try:
         importlib.import_module(module)
@@ -149,12 +160,11 @@ def _give_memory_back() -> None:
 class WorkerActor:
     """One worker process of a group (wrapped with ``ray.remote`` by the group)."""
 
-    def __init__(self, label: str, modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, label: str, imports: Imports = NOTHING) -> None:
         self._label = label
         # The framework's import (torch: seconds) happens while the process starts,
         # alongside the driver's own work, not when the first run needs it.
-        for module in modules:
-            preload(module)
+        imports.load()
 
     def __repr__(self) -> str:  # Ray prefixes the worker's output with this
         return self._label
