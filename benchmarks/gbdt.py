@@ -9,7 +9,7 @@ float32 + label), with the same parameters everywhere:
 * ``neve`` - ``XGBEstimator`` / ``LightGBMEstimator`` on 2 workers x 1 CPU over
   ``DataConnector.from_dataframe(session.table("train"))``: the first fit (fresh
   worker processes) and a second, warm fit (a new connector, so it reads the
-  table again); native, first and warm ``--repeat`` times each (3), interleaved,
+  table again); native, first and warm ``--repeat`` times each (5), interleaved,
   the median counting;
 * ``Ray Train`` - ``XGBoostTrainer`` / ``LightGBMTrainer`` (2 workers x 1 CPU) over
   ``ray.data.from_arrow`` of the same table, written as Ray's documentation
@@ -435,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--rounds", type=int, default=100, help="boosting rounds")
     parser.add_argument("--frameworks", default="xgboost,lightgbm",
                         help="comma-separated: xgboost, lightgbm")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int, default=5,
                         help="native, neve first and neve warm fits of the 1M-row case, each "
                         "(the median counts)")
     parser.add_argument("--small-repeat", type=int, default=5,
