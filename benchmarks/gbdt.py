@@ -58,8 +58,9 @@ LGB_PARAMS: dict[str, Any] = {"objective": "regression", "num_leaves": 63, "lear
 
 
 def read_xy(session: Any, table: str) -> tuple[np.ndarray, np.ndarray]:
-    """A table as a C-ordered float32 feature matrix and a label vector."""
-    arrow = session.table(table).to_arrow_table()
+    """A table (or a query) as a C-ordered float32 feature matrix and a label vector."""
+    relation = session.table(table) if table.isidentifier() else session.sql(table)
+    arrow = relation.to_arrow_table()
     x = np.empty((arrow.num_rows, common.NUM_FEATURES), dtype=np.float32)
     for j, name in enumerate(common.FEATURES):
         x[:, j] = arrow.column(name).to_numpy()
@@ -91,6 +92,96 @@ class OwnMemory:
         self._sampler.__exit__(*exc)
         peak = self._sampler.summary()["peak_private"]
         self.growth = None if peak is None else max(peak - self.before, 0)
+
+
+def _own_rank(framework: str, rank: int, database: str, rows: int, rounds: int,
+              collective: dict[str, Any], out: Any) -> None:
+    """One rank of the framework's own data-parallel fit, in a process of its own: its
+    part of the table read into NumPy, one thread; the seconds from the read to the
+    model go to ``out``."""
+    import duckdb
+
+    start, end = rank * rows // WORKERS, (rank + 1) * rows // WORKERS
+    session = duckdb.connect(database, read_only=True)
+    if framework == "xgboost":
+        import xgboost as xgb
+
+        t0 = time.perf_counter()
+        x, y = read_xy(session, f"SELECT * FROM train LIMIT {end - start} OFFSET {start}")
+        with xgb.collective.CommunicatorContext(**collective, dmlc_task_id=str(rank)):
+            dtrain = xgb.QuantileDMatrix(x, label=y, max_bin=256, nthread=1,
+                                         feature_names=common.FEATURES)
+            booster = xgb.train({**XGB_PARAMS, "nthread": 1}, dtrain,
+                                num_boost_round=rounds, evals=[(dtrain, "train")],
+                                verbose_eval=False)
+        model: Any = bytes(booster.save_raw("ubj"))
+    else:
+        import lightgbm as lgb
+
+        t0 = time.perf_counter()
+        x, y = read_xy(session, f"SELECT * FROM train LIMIT {end - start} OFFSET {start}")
+        params = {**LGB_PARAMS, "num_threads": 1, "tree_learner": "data",
+                  "num_machines": WORKERS, "pre_partition": True,
+                  "machines": collective["machines"],
+                  "local_listen_port": collective["ports"][rank]}
+        dtrain = lgb.Dataset(x, label=y, feature_name=common.FEATURES, params=params,
+                             free_raw_data=True)
+        booster = lgb.train(params, dtrain, num_boost_round=rounds, valid_sets=[dtrain],
+                            valid_names=["train"])
+        model = booster.model_to_string()
+    seconds = time.perf_counter() - t0
+    session.close()
+    out.put((rank, seconds, model if rank == 0 else None))
+
+
+def native_distributed(framework: str, args: Any, database: str,
+                       test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The framework's own data-parallel fit, without Ray: two processes of one thread,
+    xgboost's RabitTracker or LightGBM's machine list on loopback. Its time runs from
+    the reads to the last rank's model: process start and imports are not counted."""
+    import multiprocessing
+    import socket
+
+    common.release_neve_workers()  # their CPUs are these processes' now
+    if framework == "xgboost":
+        from xgboost.tracker import RabitTracker
+
+        tracker = RabitTracker(n_workers=WORKERS, host_ip="127.0.0.1", sortby="task")
+        tracker.start()
+        collective: dict[str, Any] = dict(tracker.worker_args())
+    else:
+        ports = []
+        for _ in range(WORKERS):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        collective = {"ports": ports,
+                      "machines": ",".join(f"127.0.0.1:{port}" for port in ports)}
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=_own_rank, args=(framework, rank, database, args.rows,
+                                                         args.rounds, collective, out))
+                 for rank in range(WORKERS)]
+    for process in processes:
+        process.start()
+    try:
+        ranks = [out.get(timeout=600) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    model = next(m for _, _, m in ranks if m is not None)
+    if framework == "xgboost":
+        import xgboost as xgb
+
+        booster: Any = xgb.Booster(model_file=bytearray(model))
+    else:
+        import lightgbm as lgb
+
+        booster = lgb.Booster(model_str=model)
+    return {"fit_s": max(s for _, s, _ in ranks),
+            "rmse": rmse(predict(framework, booster, test[0]), test[1])}
 
 
 def native(framework: str, args: Any, session: Any,
@@ -240,11 +331,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_pair(framework: str, args: Any, session: Any, database: str,
-             test: tuple[np.ndarray, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Native and neve (a first and a warm fit), ``--repeat`` times, interleaved: drift on
-    a noisy machine hits both alike."""
+             test: tuple[np.ndarray, np.ndarray]
+             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Native, the framework's own data-parallel fit and neve (a first and a warm fit),
+    ``--repeat`` times, interleaved: drift on a noisy machine hits all alike."""
     fits = NeveFits(framework, args, database)
     natives: list[dict[str, Any]] = []
+    owns: list[dict[str, Any]] = []
     neves: list[dict[str, Any]] = []
     failed: dict[str, Any] | None = None
     for i in range(args.repeat):
@@ -254,6 +347,10 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                    f"matrix {fit['matrix_s']:.2f} + train {fit['train_s']:.2f}), RMSE "
                    f"{fit['rmse']:.4f}, memory +{common.fmt_mb(fit['memory_growth'])} MiB")
         natives.append(fit)
+        own = native_distributed(framework, args, database, test)
+        common.log(f"{framework} data-parallel, 2 processes x 1 thread, no Ray: "
+                   f"{own['fit_s']:.2f} s, RMSE {own['rmse']:.4f}")
+        owns.append(own)
         if failed is None:
             try:
                 neves.append(neve_once(fits, framework, test))
@@ -262,11 +359,11 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                 common.release_neve_workers()
                 failed = {"status": "failed", "reason": common.one_line(exc)}
     if failed is not None:
-        return median_of(natives), failed
+        return median_of(natives), median_of(owns), failed
     neve: dict[str, Any] = {"status": "ok", **{key: median_of([n[key] for n in neves])
                                                for key in ("first", "warm")}}
     neve.update(neve_baseline(fits, framework, args, neve["first"]["memory"]))
-    return median_of(natives), neve
+    return median_of(natives), median_of(owns), neve
 
 
 def ray_group_start(repeat: int) -> list[float]:
@@ -464,10 +561,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"ray_start_s": ray_start_s}
     for framework in frameworks:
-        native_fit, neve = run_pair(framework, args, session, database, test)
+        native_fit, own, neve = run_pair(framework, args, session, database, test)
         ray_train = (run_ray_train(framework, args, database, test) if not args.no_ray_train
                      else {"status": "skipped", "reason": "--no-ray-train"})
-        results[framework] = {"native": native_fit, "neve": neve, "ray_train": ray_train}
+        results[framework] = {"native": native_fit, "own": own, "neve": neve,
+                              "ray_train": ray_train}
     results["ray_group_start_s"] = ray_group_start(args.repeat)
     session.close()
     if args.small_repeat:
@@ -581,6 +679,12 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                      f"{native['rmse']:.4f}", "-",
                      f"+{common.fmt_mb(native['memory_growth'])}",
                      common.fmt_x(native["memory_ratio"])])
+        own = r.get("own")
+        if own:
+            rows.append([f"{native_name} data-parallel, 2 processes x 1 thread, no Ray "
+                         "(reference)", common.fmt_s(own["fit_s"]), all_s(own),
+                         common.fmt_x(common.ratio(own["fit_s"], base)),
+                         f"{own['rmse']:.4f}", "-", "-", "-"])
         for key, what in (("first", "first fit"), ("warm", "warm fit")):
             if neve["status"] != "ok":
                 rows.append([f"neve {neve_name} 2x1, {what}", "-", "-", "-", "-", "-", "-",
@@ -619,6 +723,12 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             "interleaved; a first fit starts fresh workers (the warm ones given back before, "
             "their processes gone), their process start and imports counted; memory and "
             "RMSE: the first of each",
+            "data-parallel, no Ray (a reference, not a limit): the framework's own "
+            f"distributed fit in {WORKERS} processes of one thread (xgboost's RabitTracker, "
+            "LightGBM's machine list, on loopback), each reading its half of the table into "
+            "NumPy; from the reads to the last model, process start and imports not counted "
+            "(as in a warm fit). What splitting one fit over two workers costs on this "
+            "machine, whoever runs them",
             "a first fit's cost beyond a warm one is mostly Ray's: alone, a placement group "
             f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
             "nothing imported) answer in "
