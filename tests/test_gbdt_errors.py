@@ -328,6 +328,39 @@ def test_an_exception_on_one_worker_reaches_the_driver_with_its_traceback() -> N
     assert "Remote traceback" in message and "after_iteration" in message
 
 
+def test_a_tracker_port_taken_before_the_tracker_binds_it_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The driver picks the tracker's port; one another process takes first makes the
+    tracker's constructor fail, and the next port is tried: the fit goes on."""
+    import socket
+
+    import ray
+
+    from neve._internal.gbdt import xgb as backend
+
+    taken = socket.socket()
+    taken.bind((ray.util.get_node_ip_address(), 0))
+    taken.listen()
+    taken_port = taken.getsockname()[1]
+    first = [taken_port]
+    picked: list[int] = []
+    real = backend.hold_port
+
+    def hold_port(host: str = "") -> int:
+        picked.append(first.pop() if first else real(host))
+        return picked[-1]
+
+    monkeypatch.setattr(backend, "hold_port", hold_port)
+    try:
+        model = XGBEstimator(n_estimators=3, scaling_config=TWO_XGB).fit(
+            make_frame(500), INPUTS, "y")
+    finally:
+        taken.close()
+    assert model.num_boosted_rounds() == 3
+    assert picked[0] == taken_port and len(picked) == 2  # the taken port, then a free one
+
+
 def test_a_collective_that_fails_to_start_releases_the_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
