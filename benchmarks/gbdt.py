@@ -733,8 +733,9 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
             "nothing imported) answer in "
             f"{float(np.median(results['ray_group_start_s'])):.2f} s (median of "
-            f"{len(results['ray_group_start_s'])}); Ray reuses the processes it starts with "
-            "for actors outside placement groups only",
+            f"{len(results['ray_group_start_s'])}); the processes Ray starts with go to "
+            "actors outside a placement group, while inside one Ray's idle-worker cleanup "
+            "mostly ends them first (5 of 6 tries)",
             f"Ray started before the fits ({results['ray_start_s']:.1f} s, not counted); "
             "native reads the table into NumPy inside its time",
             "peak MiB: the largest worker; private = RSS less shared pages (Ray's object "
