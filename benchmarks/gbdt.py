@@ -134,11 +134,25 @@ def _own_rank(framework: str, rank: int, database: str, rows: int, rounds: int,
     out.put((rank, seconds, model if rank == 0 else None))
 
 
+class _Box:
+    """Holds what :func:`_own_rank` puts, where it runs in a Ray task."""
+
+    def put(self, value: Any) -> None:
+        self.value = value
+
+
+def _own_rank_in_ray(*args: Any) -> Any:
+    box = _Box()
+    _own_rank(*args, box)
+    return box.value
+
+
 def native_distributed(framework: str, args: Any, database: str,
-                       test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """The framework's own data-parallel fit, without Ray: two processes of one thread,
-    xgboost's RabitTracker or LightGBM's machine list on loopback. Its time runs from
-    the reads to the last rank's model: process start and imports are not counted."""
+                       test: tuple[np.ndarray, np.ndarray], in_ray: bool) -> dict[str, Any]:
+    """The framework's own data-parallel fit: two processes of one thread, xgboost's
+    RabitTracker or LightGBM's machine list on loopback; in processes of their own, or
+    (``in_ray``) in two Ray tasks of one CPU. Its time runs from the reads to the last
+    rank's model: process start and imports are not counted."""
     import multiprocessing
     import socket
 
@@ -157,20 +171,27 @@ def native_distributed(framework: str, args: Any, database: str,
                 ports.append(probe.getsockname()[1])
         collective = {"ports": ports,
                       "machines": ",".join(f"127.0.0.1:{port}" for port in ports)}
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    processes = [context.Process(target=_own_rank, args=(framework, rank, database, args.rows,
-                                                         args.rounds, collective, out))
-                 for rank in range(WORKERS)]
-    for process in processes:
-        process.start()
-    try:
-        ranks = [out.get(timeout=600) for _ in processes]
-    finally:
+    if in_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(_own_rank_in_ray)
+        ranks = ray.get([task.remote(framework, rank, database, args.rows, args.rounds,
+                                     collective) for rank in range(WORKERS)], timeout=600)
+    else:
+        context = multiprocessing.get_context("spawn")
+        out = context.Queue()
+        processes = [context.Process(target=_own_rank, args=(
+            framework, rank, database, args.rows, args.rounds, collective, out))
+            for rank in range(WORKERS)]
         for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+            process.start()
+        try:
+            ranks = [out.get(timeout=600) for _ in processes]
+        finally:
+            for process in processes:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
     model = next(m for _, _, m in ranks if m is not None)
     if framework == "xgboost":
         import xgboost as xgb
@@ -332,12 +353,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_pair(framework: str, args: Any, session: Any, database: str,
              test: tuple[np.ndarray, np.ndarray]
-             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+             ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """Native, the framework's own data-parallel fit and neve (a first and a warm fit),
     ``--repeat`` times, interleaved: drift on a noisy machine hits all alike."""
     fits = NeveFits(framework, args, database)
     natives: list[dict[str, Any]] = []
     owns: list[dict[str, Any]] = []
+    owns_in_ray: list[dict[str, Any]] = []
     neves: list[dict[str, Any]] = []
     failed: dict[str, Any] | None = None
     for i in range(args.repeat):
@@ -347,10 +369,14 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                    f"matrix {fit['matrix_s']:.2f} + train {fit['train_s']:.2f}), RMSE "
                    f"{fit['rmse']:.4f}, memory +{common.fmt_mb(fit['memory_growth'])} MiB")
         natives.append(fit)
-        own = native_distributed(framework, args, database, test)
+        own = native_distributed(framework, args, database, test, in_ray=False)
         common.log(f"{framework} data-parallel, 2 processes x 1 thread, no Ray: "
                    f"{own['fit_s']:.2f} s, RMSE {own['rmse']:.4f}")
         owns.append(own)
+        own = native_distributed(framework, args, database, test, in_ray=True)
+        common.log(f"{framework} data-parallel, 2 Ray tasks x 1 CPU, no neve: "
+                   f"{own['fit_s']:.2f} s, RMSE {own['rmse']:.4f}")
+        owns_in_ray.append(own)
         if failed is None:
             try:
                 neves.append(neve_once(fits, framework, test))
@@ -359,11 +385,13 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                 common.release_neve_workers()
                 failed = {"status": "failed", "reason": common.one_line(exc)}
     if failed is not None:
-        return median_of(natives), median_of(owns), failed
+        return median_of(natives), {"own": median_of(owns),
+                                    "own_in_ray": median_of(owns_in_ray)}, failed
     neve: dict[str, Any] = {"status": "ok", **{key: median_of([n[key] for n in neves])
                                                for key in ("first", "warm")}}
     neve.update(neve_baseline(fits, framework, args, neve["first"]["memory"]))
-    return median_of(natives), median_of(owns), neve
+    return median_of(natives), {"own": median_of(owns),
+                                "own_in_ray": median_of(owns_in_ray)}, neve
 
 
 def ray_group_start(repeat: int) -> list[float]:
@@ -561,10 +589,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"ray_start_s": ray_start_s}
     for framework in frameworks:
-        native_fit, own, neve = run_pair(framework, args, session, database, test)
+        native_fit, references, neve = run_pair(framework, args, session, database, test)
         ray_train = (run_ray_train(framework, args, database, test) if not args.no_ray_train
                      else {"status": "skipped", "reason": "--no-ray-train"})
-        results[framework] = {"native": native_fit, "own": own, "neve": neve,
+        results[framework] = {"native": native_fit, **references, "neve": neve,
                               "ray_train": ray_train}
     results["ray_group_start_s"] = ray_group_start(args.repeat)
     session.close()
@@ -679,12 +707,14 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                      f"{native['rmse']:.4f}", "-",
                      f"+{common.fmt_mb(native['memory_growth'])}",
                      common.fmt_x(native["memory_ratio"])])
-        own = r.get("own")
-        if own:
-            rows.append([f"{native_name} data-parallel, 2 processes x 1 thread, no Ray "
-                         "(reference)", common.fmt_s(own["fit_s"]), all_s(own),
-                         common.fmt_x(common.ratio(own["fit_s"], base)),
-                         f"{own['rmse']:.4f}", "-", "-", "-"])
+        for key, where in (("own", "2 processes x 1 thread, no Ray"),
+                           ("own_in_ray", "2 Ray tasks x 1 CPU, no neve")):
+            own = r.get(key)
+            if own:
+                rows.append([f"{native_name} data-parallel, {where} (reference)",
+                             common.fmt_s(own["fit_s"]), all_s(own),
+                             common.fmt_x(common.ratio(own["fit_s"], base)),
+                             f"{own['rmse']:.4f}", "-", "-", "-"])
         for key, what in (("first", "first fit"), ("warm", "warm fit")):
             if neve["status"] != "ok":
                 rows.append([f"neve {neve_name} 2x1, {what}", "-", "-", "-", "-", "-", "-",
@@ -723,12 +753,13 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             "interleaved; a first fit starts fresh workers (the warm ones given back before, "
             "their processes gone), their process start and imports counted; memory and "
             "RMSE: the first of each",
-            "data-parallel, no Ray (a reference, not a limit): the framework's own "
-            f"distributed fit in {WORKERS} processes of one thread (xgboost's RabitTracker, "
-            "LightGBM's machine list, on loopback), each reading its half of the table into "
-            "NumPy; from the reads to the last model, process start and imports not counted "
-            "(as in a warm fit). What splitting one fit over two workers costs on this "
-            "machine, whoever runs them",
+            "data-parallel (references, not limits): the framework's own distributed fit in "
+            f"{WORKERS} processes of one thread (xgboost's RabitTracker, LightGBM's machine "
+            "list, on loopback), each reading its half of the table into NumPy; from the "
+            "reads to the last model, process start and imports not counted (as in a warm "
+            "fit). In processes of their own, it is what splitting one fit over two workers "
+            "costs on this machine, whoever runs them; in Ray tasks, what running them in "
+            "Ray's worker processes adds",
             "a first fit's cost beyond a warm one is mostly Ray's: alone, a placement group "
             f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
             "nothing imported) answer in "
