@@ -266,7 +266,12 @@ def release_neve_workers() -> None:
     pids = [w.pid for g, _ in list(group._pool._idle.values()) for w in g.workers]
     group.shutdown_idle()
     wait_cpus_free()
-    deadline = time.monotonic() + 30.0
+    wait_exited(pids)
+
+
+def wait_exited(pids: Sequence[int], timeout_s: float = 30.0) -> None:
+    """Wait until processes ``pids`` (of this machine) have exited (bounded)."""
+    deadline = time.monotonic() + timeout_s
     while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
 

@@ -134,25 +134,24 @@ def _own_rank(framework: str, rank: int, database: str, rows: int, rounds: int,
     out.put((rank, seconds, model if rank == 0 else None))
 
 
-class _Box:
-    """Holds what :func:`_own_rank` puts, where it runs in a Ray task."""
+class _OwnRank:
+    """A Ray actor that runs :func:`_own_rank` (and holds what it puts)."""
 
     def put(self, value: Any) -> None:
         self.value = value
 
-
-def _own_rank_in_ray(*args: Any) -> Any:
-    box = _Box()
-    _own_rank(*args, box)
-    return box.value
+    def run(self, *args: Any) -> tuple[int, Any]:
+        _own_rank(*args, self)
+        return os.getpid(), self.value
 
 
 def native_distributed(framework: str, args: Any, database: str,
                        test: tuple[np.ndarray, np.ndarray], in_ray: bool) -> dict[str, Any]:
     """The framework's own data-parallel fit: two processes of one thread, xgboost's
     RabitTracker or LightGBM's machine list on loopback; in processes of their own, or
-    (``in_ray``) in two Ray tasks of one CPU. Its time runs from the reads to the last
-    rank's model: process start and imports are not counted."""
+    (``in_ray``) in two Ray actors of one CPU. Its time runs from the reads to the last
+    rank's model: process start and imports are not counted. Either way the processes
+    are gone before it returns."""
     import multiprocessing
     import socket
 
@@ -174,9 +173,16 @@ def native_distributed(framework: str, args: Any, database: str,
     if in_ray:
         import ray
 
-        task = ray.remote(num_cpus=1)(_own_rank_in_ray)
-        ranks = ray.get([task.remote(framework, rank, database, args.rows, args.rounds,
-                                     collective) for rank in range(WORKERS)], timeout=600)
+        actors = [ray.remote(num_cpus=1)(_OwnRank).remote() for _ in range(WORKERS)]
+        try:
+            done = ray.get([actor.run.remote(framework, rank, database, args.rows,
+                                             args.rounds, collective)
+                            for rank, actor in enumerate(actors)], timeout=600)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        common.wait_exited([pid for pid, _ in done])
+        ranks = [rank for _, rank in done]
     else:
         context = multiprocessing.get_context("spawn")
         out = context.Queue()
@@ -374,7 +380,7 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                    f"{own['fit_s']:.2f} s, RMSE {own['rmse']:.4f}")
         owns.append(own)
         own = native_distributed(framework, args, database, test, in_ray=True)
-        common.log(f"{framework} data-parallel, 2 Ray tasks x 1 CPU, no neve: "
+        common.log(f"{framework} data-parallel, 2 Ray actors x 1 CPU, no neve: "
                    f"{own['fit_s']:.2f} s, RMSE {own['rmse']:.4f}")
         owns_in_ray.append(own)
         if failed is None:
@@ -708,7 +714,7 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                      f"+{common.fmt_mb(native['memory_growth'])}",
                      common.fmt_x(native["memory_ratio"])])
         for key, where in (("own", "2 processes x 1 thread, no Ray"),
-                           ("own_in_ray", "2 Ray tasks x 1 CPU, no neve")):
+                           ("own_in_ray", "2 Ray actors x 1 CPU, no neve")):
             own = r.get(key)
             if own:
                 rows.append([f"{native_name} data-parallel, {where} (reference)",
@@ -758,7 +764,7 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             "list, on loopback), each reading its half of the table into NumPy; from the "
             "reads to the last model, process start and imports not counted (as in a warm "
             "fit). In processes of their own, it is what splitting one fit over two workers "
-            "costs on this machine, whoever runs them; in Ray tasks, what running them in "
+            "costs on this machine, whoever runs them; in Ray actors, what running them in "
             "Ray's worker processes adds",
             "a first fit's cost beyond a warm one is mostly Ray's: alone, a placement group "
             f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
