@@ -5,7 +5,11 @@ float32 + label), with the same parameters everywhere:
 
 * ``native`` - one process, ``nthread=2``: the table read into NumPy, then
   ``xgboost.QuantileDMatrix`` + ``xgboost.train`` (hist) or ``lightgbm.Dataset`` +
-  ``lightgbm.train``: the limit;
+  ``lightgbm.train``: the baseline;
+* ``data-parallel`` - the framework's own distributed fit, two ranks of one thread
+  (xgboost's RabitTracker, LightGBM's machine list, on loopback), each reading its
+  half of the table into NumPy, in processes of their own and in two plain Ray
+  actors: references for what splitting a fit, and Ray's processes, cost;
 * ``neve`` - ``XGBEstimator`` / ``LightGBMEstimator`` on 2 workers x 1 CPU over
   ``DataConnector.from_dataframe(session.table("train"))``: the first fit (fresh
   worker processes) and a second, warm fit (a new connector, so it reads the
@@ -96,18 +100,20 @@ class OwnMemory:
 
 def _own_rank(framework: str, rank: int, database: str, rows: int, rounds: int,
               collective: dict[str, Any], out: Any) -> None:
-    """One rank of the framework's own data-parallel fit, in a process of its own: its
-    part of the table read into NumPy, one thread; the seconds from the read to the
-    model go to ``out``."""
+    """One rank of the framework's own data-parallel fit, in a process (or Ray actor) of
+    its own: its part of the table read into NumPy, one thread; the seconds from the
+    read to the model go to ``out``."""
     import duckdb
 
-    start, end = rank * rows // WORKERS, (rank + 1) * rows // WORKERS
-    session = duckdb.connect(database, read_only=True)
     if framework == "xgboost":
         import xgboost as xgb
-
-        t0 = time.perf_counter()
-        x, y = read_xy(session, f"SELECT * FROM train LIMIT {end - start} OFFSET {start}")
+    else:
+        import lightgbm as lgb
+    start, end = rank * rows // WORKERS, (rank + 1) * rows // WORKERS
+    session = duckdb.connect(database, read_only=True)
+    t0 = time.perf_counter()
+    x, y = read_xy(session, f"SELECT * FROM train LIMIT {end - start} OFFSET {start}")
+    if framework == "xgboost":
         with xgb.collective.CommunicatorContext(**collective, dmlc_task_id=str(rank)):
             dtrain = xgb.QuantileDMatrix(x, label=y, max_bin=256, nthread=1,
                                          feature_names=common.FEATURES)
@@ -116,10 +122,6 @@ def _own_rank(framework: str, rank: int, database: str, rows: int, rounds: int,
                                 verbose_eval=False)
         model: Any = bytes(booster.save_raw("ubj"))
     else:
-        import lightgbm as lgb
-
-        t0 = time.perf_counter()
-        x, y = read_xy(session, f"SELECT * FROM train LIMIT {end - start} OFFSET {start}")
         params = {**LGB_PARAMS, "num_threads": 1, "tree_learner": "data",
                   "num_machines": WORKERS, "pre_partition": True,
                   "machines": collective["machines"],
@@ -390,14 +392,13 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
                 common.log(f"neve {framework}: failed: {type(exc).__name__}: {exc}")
                 common.release_neve_workers()
                 failed = {"status": "failed", "reason": common.one_line(exc)}
+    references = {"own": median_of(owns), "own_in_ray": median_of(owns_in_ray)}
     if failed is not None:
-        return median_of(natives), {"own": median_of(owns),
-                                    "own_in_ray": median_of(owns_in_ray)}, failed
+        return median_of(natives), references, failed
     neve: dict[str, Any] = {"status": "ok", **{key: median_of([n[key] for n in neves])
                                                for key in ("first", "warm")}}
     neve.update(neve_baseline(fits, framework, args, neve["first"]["memory"]))
-    return median_of(natives), {"own": median_of(owns),
-                                "own_in_ray": median_of(owns_in_ray)}, neve
+    return median_of(natives), references, neve
 
 
 def ray_group_start(repeat: int) -> list[float]:
