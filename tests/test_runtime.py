@@ -551,6 +551,47 @@ def test_on_a_cluster_neve_joined_nothing_stays_warm_unless_asked(
     group.shutdown_idle()
 
 
+def idle_ray_processes() -> set[int]:
+    """Ray worker processes of this machine that wait for work (their title: ray::IDLE)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if handle.read().startswith(b"ray::IDLE"):
+                        found.add(int(entry))
+            except OSError:  # gone meanwhile
+                pass
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_a_group_given_back_leaves_processes_the_next_group_starts_in(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEVE_PRESTART", "1")
+    # Given back without asking: Ray starts nothing.
+    group.release(group.acquire(TWO))
+    before = idle_ray_processes()
+    group.shutdown_idle()
+    time.sleep(2.0)
+    assert not idle_ray_processes() - before
+
+    # Given back as the idle timeout does: one plain process per worker, then the next
+    # group's actors start in processes that were up before it asked.
+    group.release(group.acquire(TWO))
+    before = idle_ray_processes()
+    group.shutdown_idle(keep_processes_ready=True)
+    assert wait_until(lambda: len(idle_ray_processes() - before) == 2, 20)
+    ready = idle_ray_processes()
+    workers = group.acquire(TWO)
+    try:
+        assert {w.pid for w in workers.workers} <= ready
+        assert workers.run(lambda ctx: ctx.rank, contexts(2)) == [0, 1]
+    finally:
+        workers.shutdown()
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_placing_leaves_nothing_reserved(
     fresh: None, monkeypatch: pytest.MonkeyPatch

@@ -61,8 +61,9 @@ WORKER_IDLE_TIMEOUT_S = Setting(
 PRESTART = Setting(
     "NEVE_PRESTART",
     1.0,
-    "1: when an estimator or distributor is made on a running Ray where warm workers are "
-    "kept, its workers start in the background; 0: only when a run asks",
+    "1: where warm workers are kept, an estimator or distributor made on a running Ray "
+    "starts its workers in the background, and idle workers given back leave a plain Ray "
+    "process each ready for the next group; 0: workers start only when a run asks",
 )
 COLLECTIVE_TIMEOUT_S = Setting(
     "NEVE_COLLECTIVE_TIMEOUT_S",

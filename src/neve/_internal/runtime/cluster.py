@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from neve._internal import settings
@@ -173,3 +174,50 @@ def view() -> ClusterView:
     context = ray.get_runtime_context()
     address = getattr(context, "gcs_address", None) or "local"
     return ClusterView(address=address, nodes=tuple(nodes))
+
+
+def keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> None:
+    """Ask each node's Ray to start ``per_node[node_id]`` plain worker processes for this
+    job and keep them idle for ``keep_alive_s``: the next group's actors start in them,
+    skipping Python's and Ray's start (0.26 s a process on a 2-core machine).
+
+    Ray starts such processes itself when it starts (one per CPU); this asks each
+    node's raylet for them again (its ``PrestartWorkers`` call), where neve gives a
+    group back. Best effort: without gRPC for Python, with a runtime environment on
+    the job (the processes would not fit its actors), or where a node does not
+    answer, nothing happens.
+    """
+    import ray
+
+    if not per_node or keep_alive_s <= 0 or not ray.is_initialized():
+        return
+    context = ray.get_runtime_context()
+    if context.runtime_env:
+        return
+    try:
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+    except ImportError as exc:  # grpcio is not a dependency of Ray itself
+        logger.debug("no processes kept ready: %s", exc)
+        return
+    job_id = bytes.fromhex(context.get_job_id())
+    raylets = {node["NodeID"]: (node["NodeManagerAddress"], node["NodeManagerPort"])
+               for node in ray.nodes() if node.get("Alive")}
+    for node_id, count in per_node.items():
+        if node_id not in raylets or count <= 0:
+            continue
+        host, port = raylets[node_id]
+        request = node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]
+            language=common_pb2.PYTHON,  # type: ignore[attr-defined]
+            job_id=job_id, num_workers=count,
+            keep_alive_duration_secs=max(int(keep_alive_s), 1))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            channel = init_grpc_channel(address)
+            try:
+                node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+                    request, timeout=5.0)
+            finally:
+                channel.close()
+        except Exception as exc:  # an older or newer Ray, a node going away
+            logger.debug("no processes kept ready on %s: %s", address, exc)

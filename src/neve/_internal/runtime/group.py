@@ -430,9 +430,7 @@ class _Pool:
             expired = [g for g, deadline in self._idle.values() if deadline <= now]
             self._idle = {k: v for k, v in self._idle.items() if v[1] > now}
             next_deadline = min((v[1] for v in self._idle.values()), default=None)
-        for group in expired:
-            logger.debug("idle worker group %d gives its resources back", group.id)
-            group.shutdown()
+        self._give_back(expired, keep_ready=True)
         if next_deadline is not None:
             self._arm(max(next_deadline - now, 0.0))
 
@@ -442,8 +440,9 @@ class _Pool:
                 if g is group:
                     del self._idle[key]
 
-    def close(self) -> None:
-        """Shut every idle group down (at exit, or when a caller asks)."""
+    def close(self, keep_ready: bool = False) -> None:
+        """Shut every idle group down (at exit, or when a caller asks); with
+        ``keep_ready``, as the idle timeout does (:meth:`_give_back`)."""
         self._await_starting()
         with self._lock:
             groups = [g for g, _ in self._idle.values()]
@@ -457,8 +456,22 @@ class _Pool:
                 return
         except ImportError:
             return
+        self._give_back(groups, keep_ready)
+
+    def _give_back(self, groups: list[WorkerGroup], keep_ready: bool) -> None:
+        """Shut ``groups`` down; with ``keep_ready`` (and ``NEVE_PRESTART`` on), Ray keeps
+        as many plain processes ready on their nodes for the idle timeout, so that the
+        next group skips process start."""
+        per_node: dict[str, int] = {}
         for group in groups:
+            logger.debug("worker group %d gives its resources back", group.id)
+            for info in group.workers:
+                per_node[info.node_id] = per_node.get(info.node_id, 0) + 1
             group.shutdown()
+        if not keep_ready or not settings.PRESTART.get():
+            return
+        idle_s = settings.worker_idle_timeout_s(shared_cluster=not cluster.started_here())
+        cluster.keep_processes_ready(per_node, idle_s)
 
 
 _pool = _Pool()
@@ -502,6 +515,7 @@ def release(group: WorkerGroup) -> None:
     _pool.release(group)
 
 
-def shutdown_idle() -> None:
-    """Give back every idle warm group's resources now."""
-    _pool.close()
+def shutdown_idle(keep_processes_ready: bool = False) -> None:
+    """Give back every idle warm group's resources now; with ``keep_processes_ready``,
+    as the idle timeout does (Ray keeps plain processes ready for the next group)."""
+    _pool.close(keep_processes_ready)
