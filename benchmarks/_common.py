@@ -257,16 +257,34 @@ def trim_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def release_neve_workers() -> None:
+def release_neve_workers(keep_ready: bool = False) -> None:
     """Give back the CPUs that neve's warm worker groups hold (before another trainer),
     and wait until their processes are gone: a measurement that follows does not share
-    the machine with their exit."""
+    the machine with their exit. ``keep_ready``: as neve's idle timeout gives a group
+    back, Ray keeping a plain process ready per worker; then wait until they are up."""
     from neve._internal.runtime import group
 
     pids = [w.pid for g, _ in list(group._pool._idle.values()) for w in g.workers]
-    group.shutdown_idle()
+    idle_before = idle_ray_processes()
+    group.shutdown_idle(keep_processes_ready=keep_ready)
     wait_cpus_free()
     wait_exited(pids)
+    if keep_ready:
+        deadline = time.monotonic() + 30.0
+        while (len(idle_ray_processes() - idle_before) < len(pids)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+
+
+def idle_ray_processes() -> set[int]:
+    """Ray's worker processes on this machine that wait for work (titled ray::IDLE)."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        if (process.info["cmdline"] or [""])[0].startswith("ray::IDLE"):
+            found.add(process.pid)
+    return found
 
 
 def wait_exited(pids: Sequence[int], timeout_s: float = 30.0) -> None:

@@ -11,10 +11,11 @@ float32 + label), with the same parameters everywhere:
   half of the table into NumPy, in processes of their own and in two plain Ray
   actors: references for what splitting a fit, and Ray's processes, cost;
 * ``neve`` - ``XGBEstimator`` / ``LightGBMEstimator`` on 2 workers x 1 CPU over
-  ``DataConnector.from_dataframe(session.table("train"))``: the first fit (fresh
-  worker processes) and a second, warm fit (a new connector, so it reads the
-  table again); native, first and warm ``--repeat`` times each (5), interleaved,
-  the median counting;
+  ``DataConnector.from_dataframe(session.table("train"))``: a first fit (new
+  workers, in processes Ray keeps ready as after neve's idle timeout), a warm fit
+  (a new connector, so it reads the table again), and a first fit in new
+  processes; each ``--repeat`` times (5), interleaved with native, the median
+  counting;
 * ``Ray Train`` - ``XGBoostTrainer`` / ``LightGBMTrainer`` (2 workers x 1 CPU) over
   ``ray.data.from_arrow`` of the same table, written as Ray's documentation
   shows (``materialize().to_pandas()`` in each worker).
@@ -319,13 +320,24 @@ def predict(framework: str, booster: Any, x: np.ndarray) -> np.ndarray:
     return booster.predict(x)
 
 
+#: neve's fits of one repeat, in order: whether the warm workers were given back before
+#: with a process kept ready for each (None: not given back), and what the fit is called
+NEVE_FITS = (
+    ("cold", False, "first fit, new workers in new processes"),
+    ("warm", None, "warm fit"),
+    ("first", True, "first fit, new workers in processes Ray keeps ready"),
+)
+
+
 def neve_once(fits: NeveFits, framework: str,
               test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """A first fit (fresh workers: the warm ones given back before, their processes gone)
-    and a warm one."""
-    common.release_neve_workers()
+    """A first fit in new processes (no warm workers, no process kept ready), a warm fit,
+    and a first fit after the warm workers were given back as neve's idle timeout does
+    (Ray keeps a plain process ready per worker; their own processes gone)."""
     out: dict[str, Any] = {}
-    for key, what in (("first", "first fit (fresh workers)"), ("warm", "second fit (warm)")):
+    for key, keep_ready, what in NEVE_FITS:
+        if keep_ready is not None:
+            common.release_neve_workers(keep_ready=keep_ready)
         common.log(f"neve {framework}: {what} ...")
         booster, seconds, memory = fits.fit()
         out[key] = {"fit_s": seconds, "rmse": rmse(predict(framework, booster, test[0]), test[1]),
@@ -396,7 +408,7 @@ def run_pair(framework: str, args: Any, session: Any, database: str,
     if failed is not None:
         return median_of(natives), references, failed
     neve: dict[str, Any] = {"status": "ok", **{key: median_of([n[key] for n in neves])
-                                               for key in ("first", "warm")}}
+                                               for key, _, _ in NEVE_FITS}}
     neve.update(neve_baseline(fits, framework, args, neve["first"]["memory"]))
     return median_of(natives), references, neve
 
@@ -568,8 +580,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--frameworks", default="xgboost,lightgbm",
                         help="comma-separated: xgboost, lightgbm")
     parser.add_argument("--repeat", type=int, default=5,
-                        help="native, neve first and neve warm fits of the 1M-row case, each "
-                        "(the median counts)")
+                        help="fits of the 1M-row case per contender (native, the references, "
+                        "neve's two kinds of first fit and its warm fit; the median counts)")
     parser.add_argument("--small-repeat", type=int, default=5,
                         help="fits of the small multi-class case per contender (0: skip it)")
     parser.add_argument("--no-ray-train", action="store_true",
@@ -722,7 +734,7 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                              common.fmt_s(own["fit_s"]), all_s(own),
                              common.fmt_x(common.ratio(own["fit_s"], base)),
                              f"{own['rmse']:.4f}", "-", "-", "-"])
-        for key, what in (("first", "first fit"), ("warm", "warm fit")):
+        for key, _, what in NEVE_FITS:
             if neve["status"] != "ok":
                 rows.append([f"neve {neve_name} 2x1, {what}", "-", "-", "-", "-", "-", "-",
                              f"failed: {neve['reason']}"])
@@ -743,7 +755,7 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
                          f"{ray_train['status']}: {ray_train['reason']}"])
         if neve["status"] != "ok":
             continue
-        for key, what in (("first", "first fit"), ("warm", "warm fit")):
+        for key, _, what in NEVE_FITS:
             reached = common.ratio(neve[key]["fit_s"], base)
             report.target(f"neve {framework} {what} vs native", "<= 1.10x", reached,
                           None if reached is None else reached <= 1.10)
@@ -757,9 +769,12 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
         rows,
         notes=[
             f"fit s: the median of {args.repeat} fits each (Ray Train: one), native and neve "
-            "interleaved; a first fit starts fresh workers (the warm ones given back before, "
-            "their processes gone), their process start and imports counted; memory and "
-            "RMSE: the first of each",
+            "interleaved; memory and RMSE: the first of each",
+            "a first fit starts new worker actors, which import their framework, after the "
+            "warm ones were given back (their processes gone): in processes Ray keeps ready "
+            "(neve asks for one per worker where its idle timeout gives a group back; the "
+            "fit starts once they are up), or in new processes (nothing kept ready: "
+            "Python's and Ray's start in each worker counted too)",
             "data-parallel (references, not limits): the framework's own distributed fit in "
             f"{WORKERS} processes of one thread (xgboost's RabitTracker, LightGBM's machine "
             "list, on loopback), each reading its half of the table into NumPy; from the "
@@ -771,9 +786,7 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             f"of {WORKERS} x 1 CPU and an actor in each bundle (each in a new process, "
             "nothing imported) answer in "
             f"{float(np.median(results['ray_group_start_s'])):.2f} s (median of "
-            f"{len(results['ray_group_start_s'])}); the processes Ray starts with go to "
-            "actors outside a placement group, while inside one Ray's idle-worker cleanup "
-            "mostly ends them first (5 of 6 tries)",
+            f"{len(results['ray_group_start_s'])})",
             f"Ray started before the fits ({results['ray_start_s']:.1f} s, not counted); "
             "native reads the table into NumPy inside its time",
             "peak MiB: the largest worker; private = RSS less shared pages (Ray's object "
