@@ -187,6 +187,13 @@ def keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> No
     the job (the processes would not fit its actors), or where a node does not
     answer, nothing happens.
     """
+    try:
+        _keep_processes_ready(per_node, keep_alive_s)
+    except Exception as exc:  # an older or newer Ray, Ray shutting down, a node going away
+        logger.debug("no processes kept ready: %s", exc)
+
+
+def _keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> None:
     import ray
 
     if not per_node or keep_alive_s <= 0 or not ray.is_initialized():
@@ -194,12 +201,9 @@ def keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> No
     context = ray.get_runtime_context()
     if context.runtime_env:
         return
-    try:
-        from ray._private.grpc_utils import init_grpc_channel
-        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
-    except ImportError as exc:  # grpcio is not a dependency of Ray itself
-        logger.debug("no processes kept ready: %s", exc)
-        return
+    from ray._private.grpc_utils import init_grpc_channel  # needs grpcio
+    from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
     job_id = bytes.fromhex(context.get_job_id())
     raylets = {node["NodeID"]: (node["NodeManagerAddress"], node["NodeManagerPort"])
                for node in ray.nodes() if node.get("Alive")}
@@ -211,13 +215,9 @@ def keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> No
             language=common_pb2.PYTHON,  # type: ignore[attr-defined]
             job_id=job_id, num_workers=count,
             keep_alive_duration_secs=max(int(keep_alive_s), 1))
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        channel = init_grpc_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         try:
-            channel = init_grpc_channel(address)
-            try:
-                node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
-                    request, timeout=5.0)
-            finally:
-                channel.close()
-        except Exception as exc:  # an older or newer Ray, a node going away
-            logger.debug("no processes kept ready on %s: %s", address, exc)
+            node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+                request, timeout=5.0)
+        finally:
+            channel.close()
