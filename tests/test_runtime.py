@@ -145,6 +145,39 @@ def test_a_private_local_ray_on_loopback(ray_session: None) -> None:
     assert set(listening.values()) <= LOOPBACK, listening
 
 
+def test_ray_start_polls_for_its_node_and_leaves_rays_function_as_it_was(
+    ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This session's Ray started through the poll; here it runs against the session's
+    GCS, and without Ray's internals as expected it falls back to Ray's own wait."""
+    import ray
+    from ray._private import services, state
+
+    original = services.get_node
+    gcs = ray.get_runtime_context().gcs_address
+    node_id = cluster.view().nodes[0].node_id
+    looked: list[int] = []
+    node_table = state.GlobalState.node_table
+
+    def counted(self: Any) -> Any:
+        looked.append(1)
+        return node_table(self)
+
+    monkeypatch.setattr(state.GlobalState, "node_table", counted)
+    with cluster._node_registration_polled():
+        assert services.get_node is not original
+        assert services.get_node(gcs, node_id)["node_id"] == node_id
+    assert services.get_node is original and looked == [1]
+
+    def broken(self: Any) -> Any:
+        raise AttributeError("node_table moved")
+
+    monkeypatch.setattr(state.GlobalState, "node_table", broken)
+    with cluster._node_registration_polled():
+        assert services.get_node(gcs, node_id)["node_id"] == node_id
+    assert services.get_node is original
+
+
 # -- the worker group -----------------------------------------------------------------------------
 
 

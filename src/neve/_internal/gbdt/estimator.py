@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import os
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -30,6 +34,19 @@ if TYPE_CHECKING:
 #: the framework's Booster (``xgboost.Booster``, ``lightgbm.Booster``)
 BoosterT = TypeVar("BoosterT")
 
+
+
+def import_in_background(module: str) -> None:
+    """Start importing ``module`` in a thread, unless it is imported already; whatever
+    fails fails again, and is reported, where the module is imported next."""
+    if module in sys.modules:
+        return
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+    threading.Thread(target=load, name="neve-import", daemon=True).start()
 
 
 class NotFittedError(NeveError):
@@ -177,7 +194,10 @@ class GBDTEstimator(Generic[BoosterT]):
                 f"got {early_stopping_rounds!r}"
             )
         params, rounds = self._train_params()
-        params = self._check_params(params)
+        # The driver's framework import (a second or more: xgboost and LightGBM bring their
+        # scikit-learn wrappers) runs while the data is checked and Ray starts; the
+        # parameter check that needs it comes after Ray's start.
+        import_in_background(self._backend_module)
         train = runner._as_connector(dataset, "dataset")
         evaluation = runner._as_connector(eval_set, "eval_set") if eval_set is not None else None
         # Before Ray starts (seconds), where one batch tells.
@@ -190,6 +210,7 @@ class GBDTEstimator(Generic[BoosterT]):
         result = runner.fit(
             self._backend(),
             params=params,
+            check_params=self._check_params,
             num_boost_round=rounds,
             scaling=scaling,
             dataset=train,

@@ -185,6 +185,7 @@ def fit(
     num_boost_round: int,
     scaling: GBDTScalingConfig,
     dataset: Any,
+    check_params: Callable[[dict[str, Any]], dict[str, Any]] = dict,
     input_cols: Sequence[str] | str,
     label_col: str,
     eval_set: Any = None,
@@ -200,7 +201,11 @@ def fit(
     checkpoint_stage: Any = None,
     resume_from: str | None = None,
 ) -> TrainResult:
-    """Fit on the cluster; return rank 0's model and evaluation history."""
+    """Fit on the cluster; return rank 0's model and evaluation history.
+
+    ``check_params`` checks the framework's parameters on the driver, once Ray runs
+    (see :mod:`.params`), and returns what the workers get.
+    """
     if early_stopping_rounds is not None and eval_set is None:
         raise ConfigError("early_stopping_rounds needs an eval_set to watch; pass eval_set=...")
     if external_memory and not backend.has_external_memory:
@@ -225,6 +230,7 @@ def fit(
                    f"eval set ({evaluation._source.description})")
 
     cluster.ensure_ray()
+    params = check_params(dict(params))
     view = cluster.view()
     layout = layout_for(lambda: backend, scaling, view)
     # The workers start, and import the backend's module, while the driver plans the data.
