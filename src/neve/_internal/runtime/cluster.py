@@ -142,9 +142,9 @@ def _node_registration_polled() -> Iterator[None]:
     ``ray.init`` waits for the new node in the GCS with one call of its C++ state
     accessor, which looks, sleeps a whole second, and looks again (Ray 2.60): the
     raylet registers 0.1-1.4 s after it starts, so Ray's start took 2.2 s or 3.2 s
-    here (1.5-1.8 s with this). This looks first, from Python, then makes that call once the node is
-    there. A patch of Ray's function for the length of ``ray.init`` only; anything
-    unexpected falls back to Ray's own wait.
+    here (1.5-2.8 s with this). This looks first, from Python, then makes that call
+    once the node is there. A patch of Ray's function for the length of ``ray.init``
+    only; anything unexpected falls back to Ray's own wait.
     """
     try:
         from ray._private import services, state
