@@ -265,7 +265,7 @@ def release_neve_workers(keep_ready: bool = False) -> None:
     from neve._internal.runtime import group
 
     pids = [w.pid for g, _ in list(group._pool._idle.values()) for w in g.workers]
-    idle_before = idle_ray_processes()
+    idle_before = idle_ray_processes() if keep_ready else set()
     group.shutdown_idle(keep_processes_ready=keep_ready)
     wait_cpus_free()
     wait_exited(pids)

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 #: tracing out of them.
 WORKER_MODULES = ("torch", "torch._dynamo", "neve.pytorch._worker",
                   "neve._internal.data.torch_dataset")
+WORKER_IMPORTS = Imports(WORKER_MODULES)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class PyTorchDistributor:
         self.train_func = train_func
         self.scaling_config = scaling_config
         # On a running Ray, the workers start (and import torch) before run asks.
-        group.prestart(self._layout, Imports(WORKER_MODULES))
+        group.prestart(self._layout, WORKER_IMPORTS)
 
     def _layout(self, view: cluster.ClusterView) -> Layout:
         return self.scaling_config.layout() if self.scaling_config is not None else (
@@ -137,7 +138,7 @@ class PyTorchDistributor:
         layout = self._layout(view)
         layout.check_feasible(view)
         # The workers start while the driver plans the data.
-        group.prepare(layout, Imports(WORKER_MODULES))
+        group.prepare(layout, WORKER_IMPORTS)
         connectors = list((dataset_map or {}).values())
         run = _Run(self.train_func, layout, store, dict(hyper_params or {}),
                    dict(dataset_map or {}))

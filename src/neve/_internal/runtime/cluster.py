@@ -251,7 +251,7 @@ def _keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> N
     raylets = {node["NodeID"]: (node["NodeManagerAddress"], node["NodeManagerPort"])
                for node in ray.nodes() if node.get("Alive")}
     for node_id, count in per_node.items():
-        if node_id not in raylets or count <= 0:
+        if node_id not in raylets:
             continue
         host, port = raylets[node_id]
         request = node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]
