@@ -625,6 +625,69 @@ def test_a_group_given_back_leaves_processes_the_next_group_starts_in(
         workers.shutdown()
 
 
+def loaded(pid: int, library: str) -> bool:
+    """Whether process ``pid`` has mapped a shared library whose name contains ``library``."""
+    try:
+        with open(f"/proc/{pid}/maps") as handle:
+            return library in handle.read()
+    except OSError:  # gone
+        return False
+
+
+def actor_env_vars(ctx: WorkerContext) -> dict[str, str]:
+    import ray
+
+    return dict(ray.get_runtime_context().runtime_env.get("env_vars", {}))
+
+
+@pytest.mark.timeout(90)
+def test_processes_kept_ready_import_the_next_groups_modules_before_it_asks(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neve._internal.runtime.worker import IMPORTS_VARIABLE, Imports
+
+    monkeypatch.setenv("NEVE_PRESTART", "1")
+    imports = Imports(("sqlite3",), in_ready_processes=True)  # nothing else loads _sqlite3
+    group.prepare(TWO, imports)
+    first = group.acquire(TWO)
+    assert first.run(actor_env_vars, contexts(2)) == [{}, {}]  # nothing was kept ready
+    group.release(first)
+    before = idle_ray_processes()
+    group.shutdown_idle(keep_processes_ready=True)
+    assert wait_until(lambda: len(idle_ray_processes() - before) == 2, 20)
+    ready = idle_ray_processes() - before
+    # They import the module as they start, before any actor is placed in them ...
+    assert wait_until(lambda: all(loaded(pid, "_sqlite3") for pid in ready), 20)
+    # ... and the next group of those workers starts in them.
+    group.prepare(TWO, imports)
+    workers = group.acquire(TWO)
+    try:
+        assert {w.pid for w in workers.workers} == ready
+        for env in workers.run(actor_env_vars, contexts(2)):
+            assert IMPORTS_VARIABLE in env
+    finally:
+        workers.shutdown()
+    # Taken: the group after starts without a runtime environment again.
+    group.prepare(TWO, imports)
+    workers = group.acquire(TWO)
+    try:
+        assert workers.run(actor_env_vars, contexts(2)) == [{}, {}]
+    finally:
+        workers.shutdown()
+
+
+def test_imports_ahead_only_for_workers_that_run_neves_code_alone() -> None:
+    from neve._internal.gbdt.runner import worker_imports
+    from neve._internal.runtime.worker import IMPORTS_VARIABLE, Imports
+    from neve.pytorch._distributor import WORKER_IMPORTS
+
+    assert Imports(("sqlite3",)).runtime_env() is None
+    assert WORKER_IMPORTS.runtime_env() is None  # a user's function runs in them
+    env = worker_imports("neve._internal.gbdt.xgb").runtime_env()
+    assert env is not None
+    assert "neve._internal.gbdt.xgb" in env["env_vars"][IMPORTS_VARIABLE]
+
+
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_placing_leaves_nothing_reserved(
     fresh: None, monkeypatch: pytest.MonkeyPatch

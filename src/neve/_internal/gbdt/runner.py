@@ -163,8 +163,9 @@ LEFT_OUT = ("sklearn", "pandas")
 
 def worker_imports(module: str) -> Imports:
     """What a GBDT worker imports while it starts: the backend's ``module``, with its
-    framework, without :data:`LEFT_OUT`."""
-    return Imports((module,), LEFT_OUT)
+    framework, without :data:`LEFT_OUT`; also in the processes Ray keeps ready for the
+    next group (its workers run neve's code alone)."""
+    return Imports((module,), LEFT_OUT, in_ready_processes=True)
 
 
 def _as_connector(data: Any, what: str) -> Any:

@@ -219,48 +219,63 @@ def view() -> ClusterView:
     return ClusterView(address=address, nodes=tuple(nodes))
 
 
-def keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> None:
-    """Ask each node's Ray to start ``per_node[node_id]`` plain worker processes for this
-    job and keep them idle for ``keep_alive_s``: the next group's actors start in them,
-    skipping Python's and Ray's start (0.26 s a process on a 2-core machine).
+def keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float,
+                         runtime_env: Mapping[str, Any] | None = None) -> bool:
+    """Ask each node's Ray to start ``per_node[node_id]`` worker processes for this job
+    and keep them idle for ``keep_alive_s``: the next group's actors start in them,
+    skipping Python's and Ray's start (0.26 s a process on a 2-core machine). With a
+    ``runtime_env``, the processes start in it (its setup hook imports the framework);
+    only actors of the same runtime environment go to them.
 
     Ray starts such processes itself when it starts (one per CPU); this asks each
     node's raylet for them again (its ``PrestartWorkers`` call), where neve gives a
     group back. Best effort: without gRPC for Python, with a runtime environment on
     the job (the processes would not fit its actors), or where a node does not
-    answer, nothing happens.
+    answer, nothing happens. Whether it asked every node.
     """
     try:
-        _keep_processes_ready(per_node, keep_alive_s)
+        return _keep_processes_ready(per_node, keep_alive_s, runtime_env)
     except Exception as exc:  # an older or newer Ray, Ray shutting down, a node going away
         logger.debug("no processes kept ready: %s", exc)
+        return False
 
 
-def _keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float) -> None:
+def _keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float,
+                          runtime_env: Mapping[str, Any] | None) -> bool:
     import ray
 
     if not per_node or keep_alive_s <= 0 or not ray.is_initialized():
-        return
+        return False
     context = ray.get_runtime_context()
     if context.runtime_env:
-        return
+        return False
     from ray._private.grpc_utils import init_grpc_channel  # needs grpcio
     from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
 
     job_id = bytes.fromhex(context.get_job_id())
     raylets = {node["NodeID"]: (node["NodeManagerAddress"], node["NodeManagerPort"])
                for node in ray.nodes() if node.get("Alive")}
+    asked_all = True
     for node_id, count in per_node.items():
         if node_id not in raylets:
+            asked_all = False
             continue
         host, port = raylets[node_id]
         request = node_manager_pb2.PrestartWorkersRequest(  # type: ignore[attr-defined]
             language=common_pb2.PYTHON,  # type: ignore[attr-defined]
             job_id=job_id, num_workers=count,
             keep_alive_duration_secs=max(int(keep_alive_s), 1))
+        if runtime_env:
+            # As Ray describes an actor's runtime environment, so that the hashes match.
+            from ray._private.utils import get_runtime_env_info
+            from ray.runtime_env import RuntimeEnv
+
+            request.runtime_env_info.CopyFrom(get_runtime_env_info(
+                RuntimeEnv(**runtime_env), is_job_runtime_env=False, serialize=False))
         channel = init_grpc_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         try:
             node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
                 request, timeout=5.0)
         finally:
             channel.close()
+    return asked_all

@@ -58,13 +58,17 @@ class WorkerInfo:
 class WorkerGroup:
     """``layout.num_workers`` actors, gang-scheduled, ranked by node."""
 
-    def __init__(self, layout: Layout, imports: Imports = NOTHING) -> None:
+    def __init__(self, layout: Layout, imports: Imports = NOTHING,
+                 runtime_env: dict[str, Any] | None = None) -> None:
+        """``runtime_env``: the actors' Ray runtime environment, that of processes kept
+        ready for them (:meth:`Imports.runtime_env`)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cluster.ensure_ray()
         self.layout = layout
+        self.imports = imports
         self.id = next(_group_ids)
         self._actors: list[Any] = []
         self._pg: Any = None
@@ -76,6 +80,7 @@ class WorkerGroup:
         try:
             self._await_placement(view)
             remote_cls = ray.remote(max_concurrency=2)(WorkerActor)  # type: ignore[call-overload]
+            options = {"runtime_env": runtime_env} if runtime_env else {}
             for rank, i in enumerate(self._rank_order()):
                 strategy = PlacementGroupSchedulingStrategy(
                     placement_group=self._pg,
@@ -86,6 +91,7 @@ class WorkerGroup:
                         num_cpus=layout.cpus_per_worker,
                         num_gpus=layout.gpus_per_worker,
                         scheduling_strategy=strategy,
+                        **options,
                     ).remote(f"rank {rank}", imports)
                 )
             self._describe_workers(self._await_start())
@@ -343,6 +349,8 @@ class _Pool:
         self._lock = threading.Lock()
         self._idle: dict[Layout, tuple[WorkerGroup, float]] = {}
         self._starting: dict[Layout, threading.Event] = {}
+        #: processes Ray keeps ready that import ahead: how many, and until when
+        self._ready: dict[Imports, tuple[int, float]] = {}
         self._timer: threading.Timer | None = None
         atexit.register(self.close)
 
@@ -362,7 +370,7 @@ class _Pool:
 
     def _start(self, layout: Layout, imports: Imports, done: threading.Event) -> None:
         try:
-            self.release(WorkerGroup(layout, imports))
+            self.release(WorkerGroup(layout, imports, self._take_ready(imports, layout)))
         except BaseException as exc:  # the run that asks for it will meet the cause itself
             logger.debug("starting a %s group in the background failed: %s",
                          layout.describe(), exc)
@@ -370,6 +378,17 @@ class _Pool:
             with self._lock:
                 self._starting.pop(layout, None)
             done.set()
+
+    def _take_ready(self, imports: Imports, layout: Layout) -> dict[str, Any] | None:
+        """The runtime environment of the processes kept ready that import ``imports``
+        ahead, where there are enough for ``layout`` (else ``None``: the group's
+        processes start with none, where starting one takes no runtime environment's
+        set-up, and Ray's own ready processes fit)."""
+        with self._lock:
+            count, deadline = self._ready.pop(imports, (0, 0.0))
+        if count < layout.num_workers or time.monotonic() >= deadline:
+            return None
+        return imports.runtime_env()
 
     def _await_starting(self) -> None:
         """Wait for groups starting in the background (bounded by their own waits)."""
@@ -460,18 +479,27 @@ class _Pool:
 
     def _give_back(self, groups: list[WorkerGroup], keep_ready: bool) -> None:
         """Shut ``groups`` down; with ``keep_ready`` (and ``NEVE_PRESTART`` on), Ray keeps
-        as many plain processes ready on their nodes for the idle timeout, so that the
-        next group skips process start."""
-        per_node: dict[str, int] = {}
+        as many processes ready on their nodes for the idle timeout, so that the next
+        group skips process start; where the groups' workers import ahead
+        (:class:`Imports`), the processes import the framework as they start, and the
+        next group of those workers takes them (:meth:`_take_ready`)."""
+        per_node: dict[Imports, dict[str, int]] = {}
         for group in groups:
             logger.debug("worker group %d gives its resources back", group.id)
+            counts = per_node.setdefault(group.imports, {})
             for info in group.workers:
-                per_node[info.node_id] = per_node.get(info.node_id, 0) + 1
+                counts[info.node_id] = counts.get(info.node_id, 0) + 1
             group.shutdown()
         if not keep_ready or not settings.PRESTART.get():
             return
         idle_s = settings.worker_idle_timeout_s(shared_cluster=not cluster.started_here())
-        cluster.keep_processes_ready(per_node, idle_s)
+        for imports, counts in per_node.items():
+            runtime_env = imports.runtime_env()
+            if cluster.keep_processes_ready(counts, idle_s, runtime_env) and runtime_env:
+                # Ray ends them after ``idle_s`` unused; a second's margin.
+                with self._lock:
+                    self._ready[imports] = (sum(counts.values()),
+                                            time.monotonic() + idle_s - 1.0)
 
 
 _pool = _Pool()
@@ -517,5 +545,5 @@ def release(group: WorkerGroup) -> None:
 
 def shutdown_idle(keep_processes_ready: bool = False) -> None:
     """Give back every idle warm group's resources now; with ``keep_processes_ready``,
-    as the idle timeout does (Ray keeps plain processes ready for the next group)."""
+    as the idle timeout does (Ray keeps processes ready for the next group)."""
     _pool.close(keep_processes_ready)

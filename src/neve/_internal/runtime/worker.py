@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import json
 import os
 import socket
 import sys
@@ -111,17 +112,52 @@ def release_port(port: int) -> None:
         sock.close()
 
 
+#: carries a group's imports into the processes Ray keeps ready for it (:func:`import_ahead`)
+IMPORTS_VARIABLE = "NEVE_WORKER_IMPORTS"
+
+
 @dataclass(frozen=True)
 class Imports:
     """What a worker imports while it starts, ahead of the run that needs it, and what
-    it leaves out of those imports."""
+    it leaves out of those imports.
+
+    ``in_ready_processes``: processes Ray keeps ready for the next group of these
+    workers import the modules as they start, before an actor is placed in them. Only
+    for workers that run neve's code alone: Ray passes an actor's runtime environment,
+    which carries the import, on to the tasks it starts (a user's function could).
+    """
 
     modules: tuple[str, ...] = ()
     left_out: tuple[str, ...] = ()
+    in_ready_processes: bool = False
 
     def load(self) -> None:
         for module in self.modules:
             preload(module, self.left_out)
+
+    def runtime_env(self) -> dict[str, Any] | None:
+        """The Ray runtime environment of processes that import these modules when they
+        start: Ray's worker setup hook, set per actor (Ray's public option sets it per
+        job only). ``None`` where this does not apply, or Ray no longer has the hook."""
+        if not (self.in_ready_processes and self.modules):
+            return None
+        try:
+            from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+        except ImportError:
+            return None
+        return {"env_vars": {
+            WORKER_PROCESS_SETUP_HOOK_ENV_VAR: f"{__name__}.import_ahead",
+            IMPORTS_VARIABLE: json.dumps([self.modules, self.left_out]),
+        }}
+
+
+def import_ahead() -> None:
+    """Ray's setup hook in a process started from :meth:`Imports.runtime_env`: import
+    the group's modules before an actor is placed here. Never raises (Ray would end
+    the process): the actor's own import then meets the error and reports it."""
+    with contextlib.suppress(Exception):
+        modules, left_out = json.loads(os.environ.get(IMPORTS_VARIABLE, "[[], []]"))
+        Imports(tuple(modules), tuple(left_out)).load()
 
 
 #: a worker that imports nothing ahead of its run
