@@ -14,6 +14,7 @@ already hold the right number of rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -245,7 +246,6 @@ def trim_memory() -> None:
     """Give this process's freed memory back to the OS between measurements: glibc's,
     and Arrow's pool's (mimalloc or jemalloc keep freed pages for a while; returned
     during the next measurement, they would hide that much of its memory)."""
-    import contextlib
     import ctypes
     import gc
 
@@ -261,7 +261,8 @@ def release_neve_workers(keep_ready: bool = False) -> None:
     """Give back the CPUs that neve's warm worker groups hold (before another trainer),
     and wait until their processes are gone: a measurement that follows does not share
     the machine with their exit. ``keep_ready``: as neve's idle timeout gives a group
-    back, Ray keeping a plain process ready per worker; then wait until they are up."""
+    back, Ray keeping a process ready per worker; then wait until they are up and done
+    starting (for GBDT workers, their framework imported), as after the idle timeout."""
     from neve._internal.runtime import group
 
     pids = [w.pid for g, _ in list(group._pool._idle.values()) for w in g.workers]
@@ -274,6 +275,29 @@ def release_neve_workers(keep_ready: bool = False) -> None:
         while (len(idle_ray_processes() - idle_before) < len(pids)
                and time.monotonic() < deadline):
             time.sleep(0.05)
+        wait_quiet(idle_ray_processes() - idle_before)
+
+
+def wait_quiet(pids: set[int], timeout_s: float = 30.0) -> None:
+    """Wait until processes ``pids`` use (almost) no CPU for a quarter second (bounded)."""
+    import psutil
+
+    def cpu_s() -> float:
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        return total
+
+    deadline = time.monotonic() + timeout_s
+    last = cpu_s()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu_s()
+        if now - last < 0.02:
+            return
+        last = now
 
 
 def idle_ray_processes() -> set[int]:

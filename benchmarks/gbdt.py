@@ -335,7 +335,8 @@ def neve_once(fits: NeveFits, framework: str,
               test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     """A first fit in new processes (no warm workers, no process kept ready), a warm fit,
     and a first fit after the warm workers were given back as neve's idle timeout does
-    (Ray keeps a plain process ready per worker; their own processes gone)."""
+    (Ray keeps a process ready per worker, its framework imported; their own processes
+    gone)."""
     out: dict[str, Any] = {}
     for key, keep_ready, what in NEVE_FITS:
         if keep_ready is not None:
@@ -834,11 +835,12 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
         notes=[
             f"fit s: the median of {args.repeat} fits each (Ray Train: one), native and neve "
             "interleaved; memory and RMSE: the first of each",
-            "a first fit starts new worker actors, which import their framework, after the "
-            "warm ones were given back (their processes gone): in processes Ray keeps ready "
-            "(neve asks for one per worker where its idle timeout gives a group back; the "
-            "fit starts once they are up), or in new processes (nothing kept ready: "
-            "Python's and Ray's start in each worker counted too)",
+            "a first fit starts new worker actors after the warm ones were given back "
+            "(their processes gone): in processes Ray keeps ready (neve asks for one per "
+            "worker where its idle timeout gives a group back; they import the framework "
+            "as they start, and the fit starts once they are up and quiet, as after the "
+            "idle timeout), or in new processes (nothing kept ready: Python's and Ray's "
+            "start and the framework's import in each worker counted too)",
             "data-parallel (references, not limits): the framework's own distributed fit in "
             f"{WORKERS} processes of one thread (xgboost's RabitTracker, LightGBM's machine "
             "list, on loopback), each reading its half of the table into NumPy; from the "

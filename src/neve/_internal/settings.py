@@ -62,8 +62,9 @@ PRESTART = Setting(
     "NEVE_PRESTART",
     1.0,
     "1: where warm workers are kept, an estimator or distributor made on a running Ray "
-    "starts its workers in the background, and idle workers given back leave a plain Ray "
-    "process each ready for the next group; 0: workers start only when a run asks",
+    "starts its workers in the background, and idle workers given back leave a Ray "
+    "process each ready for the next group (XGBoost and LightGBM: the framework imported); "
+    "0: workers start only when a run asks",
 )
 COLLECTIVE_TIMEOUT_S = Setting(
     "NEVE_COLLECTIVE_TIMEOUT_S",
