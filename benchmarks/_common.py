@@ -126,8 +126,10 @@ class Report:
     def target(self, what: str, target: str, reached: float | None, met: bool | None,
                unit: str = "x") -> None:
         """A goal and what was reached: a ratio (``unit="x"``) or seconds (``"s"``)."""
+        # Kept whole: rounded here and again when shown, a difference could read
+        # 0.01 apart from the table it comes from.
         self.targets.append({"what": what, "target": target,
-                             "reached": None if reached is None else round(reached, 3),
+                             "reached": None if reached is None else float(reached),
                              "unit": unit, "met": met})
 
     def print(self) -> None:
@@ -172,6 +174,14 @@ class Report:
 
 
 TARGET_HEADERS = ["what", "target", "reached", "met"]
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of repeats whose median is taken)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def fmt_reached(value: float | None, unit: str) -> str:

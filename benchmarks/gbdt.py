@@ -600,7 +600,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--rounds", type=int, default=100, help="boosting rounds")
     parser.add_argument("--frameworks", default="xgboost,lightgbm",
                         help="comma-separated: xgboost, lightgbm")
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--repeat", type=common.at_least_one, default=5,
                         help="fits of the 1M-row case per contender (native, the references, "
                         "neve's two kinds of first fit and its warm fit; the median counts)")
     parser.add_argument("--script-repeat", type=int, default=3,
