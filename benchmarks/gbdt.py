@@ -108,18 +108,17 @@ def _own_rank(framework: str, rank: int, database: str, rows: int, rounds: int,
     read to the model go to ``out``."""
     import duckdb
 
+    from neve._internal.runtime.worker import preload
+
     # The framework without what its scikit-learn wrapper imports, as neve's workers
-    # import it (counted where the actors' start is: a Ray user could do the same).
-    hidden = [name for name in ("sklearn", "pandas") if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(hidden))  # type: ignore[arg-type]
-    try:
-        if framework == "xgboost":
-            import xgboost as xgb
-        else:
-            import lightgbm as lgb
-    finally:
-        for name in hidden:
-            del sys.modules[name]
+    # import it (counted where the actors' start is: a Ray user could do the same). The
+    # names are neve's gbdt.runner.LEFT_OUT, not imported here: the runner's own imports
+    # would count.
+    preload(framework, ("sklearn", "pandas"))
+    if framework == "xgboost":
+        import xgboost as xgb
+    else:
+        import lightgbm as lgb
     start, end = rank * rows // WORKERS, (rank + 1) * rows // WORKERS
     session = duckdb.connect(database, read_only=True)
     t0 = time.perf_counter()

@@ -255,6 +255,14 @@ def _keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float,
     job_id = bytes.fromhex(context.get_job_id())
     raylets = {node["NodeID"]: (node["NodeManagerAddress"], node["NodeManagerPort"])
                for node in ray.nodes() if node.get("Alive")}
+    env_info = None
+    if runtime_env:
+        # As Ray describes an actor's runtime environment, so that the hashes match.
+        from ray._private.utils import get_runtime_env_info
+        from ray.runtime_env import RuntimeEnv
+
+        env_info = get_runtime_env_info(RuntimeEnv(**runtime_env), is_job_runtime_env=False,
+                                        serialize=False)
     asked_all = True
     for node_id, count in per_node.items():
         if node_id not in raylets:
@@ -265,13 +273,8 @@ def _keep_processes_ready(per_node: Mapping[str, int], keep_alive_s: float,
             language=common_pb2.PYTHON,  # type: ignore[attr-defined]
             job_id=job_id, num_workers=count,
             keep_alive_duration_secs=max(int(keep_alive_s), 1))
-        if runtime_env:
-            # As Ray describes an actor's runtime environment, so that the hashes match.
-            from ray._private.utils import get_runtime_env_info
-            from ray.runtime_env import RuntimeEnv
-
-            request.runtime_env_info.CopyFrom(get_runtime_env_info(
-                RuntimeEnv(**runtime_env), is_job_runtime_env=False, serialize=False))
+        if env_info is not None:
+            request.runtime_env_info.CopyFrom(env_info)
         channel = init_grpc_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         try:
             node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
