@@ -625,6 +625,36 @@ def test_a_group_given_back_leaves_processes_the_next_group_starts_in(
         workers.shutdown()
 
 
+_FIRST_GROUP_SCRIPT = """
+import time
+from neve._internal.runtime import cluster, group
+from neve._internal.runtime.placement import Layout
+from test_runtime import idle_ray_processes, wait_until
+
+cluster.ensure_ray()
+assert wait_until(lambda: len(idle_ray_processes()) >= 2, 30), idle_ray_processes()
+time.sleep(2.0)  # idle past Ray's own limit of 1 s
+started_with = idle_ray_processes()
+workers = group.WorkerGroup(Layout(num_groups=2, workers_per_group=1, cpus_per_worker=1.0))
+print("STARTED WITH", sorted(started_with), "GROUP", sorted(w.pid for w in workers.workers))
+assert {w.pid for w in workers.workers} <= started_with
+workers.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_processes_ray_starts_with_wait_for_the_first_group() -> None:
+    """Ray starts a process per CPU with its node, but ends processes idle for 1 s
+    wherever more wait than CPUs are free, as when a group's placement group takes the
+    CPUs: on neve's Ray they wait, and a fresh script's first group starts in them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["NEVE_LOCAL_NUM_CPUS"] = "2"
+    done = subprocess.run([sys.executable, "-c", _FIRST_GROUP_SCRIPT], capture_output=True,
+                          text=True, timeout=110, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
 def loaded(pid: int, library: str) -> bool:
     """Whether process ``pid`` has mapped a shared library whose name contains ``library``."""
     try:

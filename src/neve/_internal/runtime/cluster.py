@@ -110,13 +110,37 @@ def ensure_ray(address: str | None = None) -> None:
 
                 ray_constants.ENABLE_RAY_CLUSTER = False
                 with _quiet_ray_start(), _node_registration_polled():
-                    ray.init(address="local", num_cpus=num_cpus, **kwargs)  # type: ignore[arg-type]
+                    ray.init(address="local", num_cpus=num_cpus,
+                             _system_config=_private_system_config(),
+                             **kwargs)  # type: ignore[arg-type]
                 _started_here = True
         except ClusterError:
             raise
         except Exception as exc:
             target = address or "a private local instance"
             raise ClusterError(f"could not start or join Ray ({target}): {exc}") from exc
+
+
+#: Ray's setting for how long a process may wait idle while more processes wait than CPUs
+#: are free (Ray's default: 1 s)
+IDLE_PROCESS_SETTING = "idle_worker_killing_time_threshold_ms"
+
+
+def _private_system_config() -> dict[str, Any]:
+    """Ray's settings for neve's private instance: an idle process waits as long as a
+    warm worker group does.
+
+    Ray starts a process per CPU with the node, for the first actors. But it ends a
+    process idle for a second wherever more processes wait than CPUs are free, and a
+    worker group's placement group takes the CPUs before its actors ask for processes:
+    those processes were ended just before the group's actors could take them, and new
+    ones started (a first fit in a fresh script 0.5-1 s later). Left as it is where
+    ``RAY_idle_worker_killing_time_threshold_ms`` is set.
+    """
+    if os.environ.get(f"RAY_{IDLE_PROCESS_SETTING}"):
+        return {}
+    idle_s = settings.worker_idle_timeout_s(shared_cluster=False)
+    return {IDLE_PROCESS_SETTING: int(max(idle_s, 1.0) * 1000)}
 
 
 class _quiet_ray_start:
