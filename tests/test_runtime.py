@@ -706,6 +706,33 @@ def test_processes_kept_ready_import_the_next_groups_modules_before_it_asks(
         workers.shutdown()
 
 
+@pytest.mark.timeout(90)
+def test_processes_kept_ready_outlast_the_idle_timeout(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle timeout gives the group back (its timer, 1 s here); the processes kept
+    ready for it still take the next group well after that (READY_PROCESSES_S)."""
+    from neve._internal.runtime.worker import Imports
+
+    monkeypatch.setenv("NEVE_PRESTART", "1")
+    monkeypatch.setenv("NEVE_WORKER_IDLE_TIMEOUT_S", "1")
+    monkeypatch.setattr(group, "READY_PROCESSES_S", 30.0)
+    imports = Imports(("sqlite3",), in_ready_processes=True)
+    before = idle_ray_processes()
+    group.prepare(TWO, imports)
+    group.release(group.acquire(TWO))
+    assert wait_until(lambda: len(idle_ray_processes() - before) == 2, 20)
+    ready = idle_ray_processes() - before
+    assert wait_until(lambda: all(loaded(pid, "_sqlite3") for pid in ready), 20)
+    time.sleep(2.0)  # the idle timeout, and as long again, are over
+    group.prepare(TWO, imports)
+    workers = group.acquire(TWO)
+    try:
+        assert {w.pid for w in workers.workers} == ready
+    finally:
+        workers.shutdown()
+
+
 def test_imports_ahead_only_for_workers_that_run_neves_code_alone() -> None:
     from neve._internal.gbdt.runner import worker_imports
     from neve._internal.runtime.worker import IMPORTS_VARIABLE, Imports
