@@ -753,9 +753,13 @@ def test_ctrl_c_while_placing_leaves_nothing_reserved(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(group.WorkerGroup, "_await_placement", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        group.WorkerGroup(TWO)
-    assert_no_reservations()
+    # Many times: also where the interrupt lands while Ray reserves the bundles (Ray
+    # 2.60 leaks them when the placement group is removed then, ray-project/ray#64693;
+    # here it did within ten tries).
+    for _ in range(25):
+        with pytest.raises(KeyboardInterrupt):
+            group.WorkerGroup(TWO)
+        assert_no_reservations()
 
 
 @pytest.mark.timeout(60)

@@ -55,6 +55,14 @@ class WorkerInfo:
     gpu_ids: tuple[str, ...]
 
 
+#: how long a group that stops before its workers started (Ctrl-C, a timeout) lets its
+#: placement group finish being placed before removing it: Ray 2.60 leaks the resources
+#: of a placement group removed while its bundles are being reserved (they stay
+#: reserved on the node until Ray stops; ray-project/ray#64693), and reserving takes
+#: milliseconds; one that cannot be placed waits this long before it goes
+PLACEMENT_SETTLE_S = 1.0
+
+
 class WorkerGroup:
     """``layout.num_workers`` actors, gang-scheduled, ranked by node."""
 
@@ -299,6 +307,8 @@ class WorkerGroup:
         pg, self._pg = self._pg, None
         if pg is not None:
             with contextlib.suppress(Exception):  # already removed
+                if not self.workers:  # placement may be in flight: let it settle first
+                    pg.wait(PLACEMENT_SETTLE_S)
                 remove_placement_group(pg)
         _pool.forget(self)
 
