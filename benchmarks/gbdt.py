@@ -34,12 +34,14 @@ Run: ``python benchmarks/gbdt.py`` (1M rows), ``--rows 50000 --rounds 20`` to tr
 
 from __future__ import annotations
 
+import operator
 import os
 import shutil
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -783,19 +785,21 @@ def all_s(fit: dict[str, Any]) -> str:
     return ", ".join(f"{x:.2f}" for x in fit.get("all_s", [fit["fit_s"]]))
 
 
+def paired_extra(times: list[float], bases: list[float],
+                 combine: Callable[[float, float], float] = operator.sub) -> float:
+    """The median, over the rounds, of a time less (or ``combine``d with) the native time
+    of its round: on a machine that drifts during a run, each against its neighbour in
+    time."""
+    return float(np.median([combine(t, b) for t, b in zip(times, bases, strict=True)]))
+
+
 def paired_ratio(fit: dict[str, Any], native: dict[str, Any]) -> float | None:
-    """The median, over the rounds, of a fit's time over the native fit's of its round:
-    on a machine that drifts during a run, each fit against its neighbour in time (a
-    single fit, as Ray Train's: against native's median)."""
+    """:func:`paired_extra` as a ratio of a fit's times to native's (a single fit, as Ray
+    Train's: against native's median)."""
     times, bases = fit.get("all_s", []), native.get("all_s", [])
     if len(times) < 2 or len(times) != len(bases):
         return common.ratio(fit["fit_s"], native["fit_s"])
-    return float(np.median([t / b for t, b in zip(times, bases, strict=True)]))
-
-
-def paired_extra(times: list[float], bases: list[float]) -> float:
-    """The median, over the rounds, of a time less the native time of its round."""
-    return float(np.median([t - b for t, b in zip(times, bases, strict=True)]))
+    return paired_extra(times, bases, operator.truediv)
 
 
 def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> common.Report:
