@@ -892,7 +892,9 @@ def build_report(args: Any, frameworks: list[str], results: dict[str, Any]) -> c
             "reads to the last model, process start and imports not counted (as in a warm "
             "fit). In processes of their own, it is what splitting one fit over two workers "
             "costs on this machine, whoever runs them; in Ray actors, what running them in "
-            "Ray's worker processes adds",
+            "Ray's worker processes adds. They run unpinned, as Ray runs processes; neve's "
+            "workers, whose group takes every CPU here, train pinned to one CPU each "
+            "(NEVE_PIN_WORKERS)",
             "from the actors' start: the same Ray actors' run timed in the benchmark's process "
             "from their creation (no placement group; new processes: Python's and Ray's start, "
             "the framework imported without scikit-learn and pandas, as neve's workers do) to "

@@ -66,6 +66,12 @@ PRESTART = Setting(
     "process each ready for the next group (XGBoost and LightGBM: the framework imported); "
     "0: workers start only when a run asks",
 )
+PIN_WORKERS = Setting(
+    "NEVE_PIN_WORKERS",
+    1.0,
+    "1: an XGBoost or LightGBM worker of whole CPUs, whose group's workers take every CPU "
+    "of their node, trains pinned to CPUs of its own; 0: workers run on any CPU",
+)
 COLLECTIVE_TIMEOUT_S = Setting(
     "NEVE_COLLECTIVE_TIMEOUT_S",
     60.0,

@@ -60,6 +60,9 @@ class TrainTask:
     external_memory: bool = False
     #: evaluate the training set every round (its metrics under "train")
     eval_train: bool = True
+    #: CPUs each worker pins itself to while it trains, where its group takes its whole
+    #: node (0: it runs on any CPU; see :mod:`neve._internal.runtime.cpus`)
+    pin_cpus: int = 0
 
     def train_source(self, ctx: WorkerContext) -> PlanSource:
         # Ranking: cuts move to where the query group changes, so no group spans workers.
@@ -289,6 +292,14 @@ def layout_for(backend: Callable[[], Backend], scaling: GBDTScalingConfig,
     return scaling.resolve(view, gpu_unsupported=gpu_unsupported)
 
 
+def _pin_cpus(layout: Layout) -> int:
+    """CPUs each worker pins itself to (0: none): CPU workers of whole CPUs alone."""
+    cpus = layout.cpus_per_worker
+    whole = cpus >= 1 and float(cpus).is_integer()
+    return int(cpus) if whole and not layout.gpus_per_worker and settings.PIN_WORKERS.get() \
+        else 0
+
+
 def _memory_per_worker(view: cluster.ClusterView, layout: Layout) -> float:
     """Bytes of Ray's memory resource per worker on the tightest node."""
     nodes = [n for n in view.nodes if n.cpus >= 1 or n.gpus >= 1] or list(view.nodes)
@@ -351,6 +362,7 @@ def _fit_planned(backend: Backend, train: Any, evaluation: Any, spec: FeatureSpe
         # Evaluating the training set keeps a copy of its predictions (4 B/row): a
         # shard too large for memory skips it unless asked.
         eval_train=eval_train if eval_train is not None else not on_disk,
+        pin_cpus=_pin_cpus(layout),
     )
     if task.num_boost_round <= 0:  # resumed from a checkpoint of the last round
         return TrainResult(history.checkpoint, history.merged({}, history.rounds_done),

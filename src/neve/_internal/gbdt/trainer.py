@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from neve._internal.context import WorkerContext
 from neve._internal.progress import Progress
-from neve._internal.runtime import controller, group
+from neve._internal.runtime import controller, cpus, group
 from neve._internal.runtime.placement import Layout
 from neve._internal.stages import Checkpoint, CheckpointStore, MemoryFiles
 from neve.exceptions import WorkerError
@@ -154,4 +154,5 @@ class _Entry:
         self.task = task
 
     def __call__(self, ctx: WorkerContext) -> Any:
-        return self.backend.train(self.task, ctx)
+        with cpus.pinned(self.task.pin_cpus, ctx.local_world_size):
+            return self.backend.train(self.task, ctx)
