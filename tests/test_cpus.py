@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,17 @@ def test_no_pin_where_the_group_leaves_cpus_of_the_node_free() -> None:
         assert pin == ()
     with cpus.pinned(len(ALLOWED), 1) as pin:  # one worker of every CPU: nothing to pin
         assert pin == ()
+
+
+def test_lock_files_that_cannot_be_made_leave_the_worker_unpinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
+    with cpus.pinned(1, len(ALLOWED)) as pin:
+        assert pin == ()
+        assert os.sched_getaffinity(0) == set(ALLOWED)
 
 
 HOLDER = """
