@@ -295,9 +295,9 @@ def layout_for(backend: Callable[[], Backend], scaling: GBDTScalingConfig,
 def _pin_cpus(layout: Layout) -> int:
     """CPUs each worker pins itself to (0: none): CPU workers of whole CPUs alone."""
     cpus = layout.cpus_per_worker
-    whole = cpus >= 1 and float(cpus).is_integer()
-    return int(cpus) if whole and not layout.gpus_per_worker and settings.PIN_WORKERS.get() \
-        else 0
+    if cpus < 1 or not float(cpus).is_integer() or layout.gpus_per_worker:
+        return 0
+    return int(cpus) if settings.PIN_WORKERS.get() else 0
 
 
 def _memory_per_worker(view: cluster.ClusterView, layout: Layout) -> float:
