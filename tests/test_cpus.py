@@ -141,12 +141,7 @@ def _record(folder: str) -> None:
 
     ctx = current()
     assert ctx is not None
-    sets = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            sets.append(sorted(os.sched_getaffinity(int(tid))))
-        except OSError:
-            continue
+    sets = [sorted(cpu_set) for cpu_set in thread_cpus().values()]
     Path(folder, f"rank{ctx.rank}.json").write_text(json.dumps(sets))
 
 

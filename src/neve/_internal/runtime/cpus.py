@@ -35,7 +35,7 @@ def allowed_cpus() -> tuple[int, ...]:
     gets whole cores."""
     global _allowed
     if _allowed is None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         _allowed = tuple(sorted(cpus, key=_topology))
     return _allowed
 
